@@ -1,0 +1,248 @@
+"""Lock-step KV-cached decoding of the large model, the small base and the experts.
+
+Pipeline of one request batch:
+    1. prefill: every model reads its own rendering of each prompt (left padded) into its own cache;
+    2. decode one step: fuse the last logits (`fusion.fusion_step`), sample one token per row;
+    3. every model consumes that same token; rows that hit EOS, a stop string or the token budget
+       leave the batch (their cache rows are dropped, so they cost nothing afterwards);
+    4. repeat until no row is left.
+`decode` is a generator of `Step`s; batch generation and streaming both consume it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList, StopStringCriteria
+from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .config import GenerationSpec
+from .fusion import AlphaSolver, FusedStep, fusion_step
+from .models import BASE_ADAPTER, LoadedModel, ModelSet
+
+Tensor = torch.Tensor
+
+
+class CacheRunner:
+    """One model and its KV cache over a batch of rows that can shrink."""
+
+    def __init__(self, loaded: LoadedModel, adapter_names: list[str] | None = None):
+        self.loaded = loaded
+        self.adapter_names = adapter_names  # one per row, for a mixed-LoRA peft batch
+        self.cache = DynamicCache(config=loaded.model.config)
+        self.attention_mask: Tensor | None = None  # [N, L]
+        self.next_position: Tensor | None = None  # [N]
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+        """Left-pad the prompts, run them, return the logits of each row's last token [N, V]."""
+        device = self.loaded.input_device
+        pad = self.loaded.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        self.attention_mask = mask.to(device)
+        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_position = self.attention_mask.sum(-1)
+        return self._forward(ids.to(device), positions)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Consume one token per row ([N]), return the next logits [N, V]."""
+        device = self.loaded.input_device
+        ones = torch.ones_like(self.attention_mask[:, :1])
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        positions = self.next_position[:, None]
+        self.next_position = self.next_position + 1
+        return self._forward(tokens.to(device)[:, None], positions)
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop every row not in `rows` (indices into the current batch)."""
+        rows = rows.to(self.attention_mask.device)
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]
+        if self.adapter_names is not None:
+            self.adapter_names = [self.adapter_names[i] for i in rows.tolist()]
+
+    def _forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        extra = {"adapter_names": self.adapter_names} if self.adapter_names is not None else {}
+        out = self.loaded.model(
+            input_ids=ids,
+            attention_mask=self.attention_mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        return out.logits[:, -1, :]
+
+
+class SmallPool:
+    """The small base and the active experts of one request: LoRA experts as rows of ONE forward.
+
+    Rows of the peft forward are laid out expert-major: [base rows, lora_1 rows, lora_2 rows, ...].
+    Full-checkpoint experts each run their own model and cache.
+    """
+
+    def __init__(self, models: ModelSet, experts: Sequence[str], batch: int):
+        self.experts = list(experts)
+        lora = [e for e in self.experts if e in models.lora_experts]
+        names = [BASE_ADAPTER, *lora] if models.lora_experts else None
+        self.lora_count = len(lora)
+        self.shared = CacheRunner(
+            models.small, None if names is None else [n for n in names for _ in range(batch)]
+        )
+        self.full = {e: CacheRunner(models.full_experts[e]) for e in self.experts if e not in lora}
+        self.lora_order = lora
+        self.batch = batch
+
+    def prefill(
+        self,
+        small_prompts: Sequence[Sequence[int]],
+        expert_prompts: dict[str, Sequence[Sequence[int]]],
+    ) -> tuple[Tensor, Tensor]:
+        shared_prompts = list(small_prompts)
+        for name in self.lora_order:
+            shared_prompts.extend(expert_prompts.get(name, small_prompts))
+        shared = self.shared.prefill(shared_prompts)
+        full = {e: r.prefill(expert_prompts.get(e, small_prompts)) for e, r in self.full.items()}
+        return self._split(shared, full)
+
+    def step(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        shared = self.shared.step(tokens.repeat(1 + self.lora_count))
+        full = {e: r.step(tokens) for e, r in self.full.items()}
+        return self._split(shared, full)
+
+    def keep(self, rows: Tensor) -> None:
+        self.shared.keep(torch.cat([rows + k * self.batch for k in range(1 + self.lora_count)]))
+        for runner in self.full.values():
+            runner.keep(rows)
+        self.batch = rows.numel()
+
+    def _split(self, shared: Tensor, full: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(small base logits [B, V], expert logits [B, T, V] in `self.experts` order)."""
+        blocks = shared.view(1 + self.lora_count, self.batch, -1)
+        by_name = {name: blocks[1 + k] for k, name in enumerate(self.lora_order)}
+        by_name.update({e: z.to(blocks.device) for e, z in full.items()})
+        return blocks[0], torch.stack([by_name[e] for e in self.experts], dim=1)
+
+
+@dataclass
+class PromptBatch:
+    """Token ids of each prompt as each model reads it (per-model renderings)."""
+
+    large: list[list[int]]
+    small: list[list[int]]
+    experts: dict[str, list[list[int]]] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """What one decoding step produced for the rows still running."""
+
+    rows: list[int]  # original row indices, aligned with the tensors below
+    tokens: list[int]
+    alpha: Tensor  # [n, T] on CPU
+    fallback: list[bool]
+    finished: dict[int, str] = field(default_factory=dict)  # row -> "eos" | "stop" | "length"
+
+
+def build_sampler(spec: GenerationSpec) -> Callable[[Tensor, Tensor], Tensor]:
+    """Greedy when temperature is 0, else transformers' warpers then multinomial with a seeded generator."""
+    if spec.temperature == 0:
+        return lambda logits, _ids: logits.argmax(dim=-1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(spec.temperature)])
+    if spec.top_k is not None:
+        warpers.append(TopKLogitsWarper(spec.top_k))
+    if spec.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(spec.top_p))
+    generator: torch.Generator | None = None
+
+    def sample(logits: Tensor, ids: Tensor) -> Tensor:
+        nonlocal generator
+        if generator is None:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(spec.seed if spec.seed is not None else torch.seed())
+        probs = torch.softmax(warpers(ids, logits), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    return sample
+
+
+@torch.no_grad()
+def decode(
+    models: ModelSet,
+    prompts: PromptBatch,
+    experts: Sequence[str],
+    solver: AlphaSolver | None,
+    spec: GenerationSpec,
+    eos_ids: set[int],
+    active: Tensor | None = None,
+) -> Iterator[Step]:
+    """Generate for every row in lock step; yields one `Step` per decoding step.
+
+    `solver(large_logp, shifts, active) -> alpha` picks alpha; `solver=None` runs the large model alone
+    (no small forward at all). `active` ([B, T], default all True) says which experts fuse in each row.
+    """
+    batch = len(prompts.large)
+    vocab = models.vocab_size
+    large = CacheRunner(models.large)
+    pool = SmallPool(models, experts, batch) if solver is not None else None
+    sample = build_sampler(spec)
+    stop = StopStringCriteria(models.large.tokenizer, spec.stop) if spec.stop else None
+    device = models.large.input_device
+    rows = torch.arange(batch)  # original index of each live row
+    generated = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    if active is None:
+        active = torch.ones((batch, len(experts)), dtype=torch.bool)
+    active = active.to(device)
+
+    large_logits = large.prefill(prompts.large)
+    small_logits, expert_logits = (
+        pool.prefill(prompts.small, prompts.experts) if pool else (None, None)
+    )
+    for count in range(1, spec.max_new_tokens + 1):
+        fused: FusedStep = fusion_step(
+            large_logits[:, :vocab],
+            None if pool is None else small_logits[:, :vocab].to(device),
+            None if pool is None else expert_logits[..., :vocab].to(device),
+            active,
+            solver,
+        )
+        tokens = sample(fused.logits, generated)
+        generated = torch.cat([generated, tokens[:, None]], dim=-1)
+
+        token_list = tokens.tolist()
+        finished: dict[int, str] = {}
+        stopped = stop(generated, None).tolist() if stop is not None else [False] * len(token_list)
+        for i, token in enumerate(token_list):
+            if token in eos_ids:
+                finished[i] = "eos"
+            elif stopped[i]:
+                finished[i] = "stop"
+            elif count == spec.max_new_tokens:
+                finished[i] = "length"
+        yield Step(
+            rows=rows.tolist(),
+            tokens=token_list,
+            alpha=fused.alpha.cpu(),
+            fallback=fused.fallback.tolist(),
+            finished={int(rows[i]): reason for i, reason in finished.items()},
+        )
+        if len(finished) == len(token_list):
+            return
+        if finished:
+            keep = torch.tensor([i for i in range(len(token_list)) if i not in finished])
+            rows = rows[keep]
+            tokens, generated, active = (t[keep.to(device)] for t in (tokens, generated, active))
+            large.keep(keep)
+            if pool is not None:
+                pool.keep(keep)
+        large_logits = large.step(tokens)
+        if pool is not None:
+            small_logits, expert_logits = pool.step(tokens)

@@ -1,0 +1,342 @@
+"""FusionEngine: the public entry point. Validates requests, tokenizes, decodes, assembles results.
+
+Constructing an engine is cheap: models load on first use, once. Calls are serialised by a lock
+around the decoder, so concurrent callers never share caches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import FusionConfig, FusionMode, GenerationSpec
+from .decoding import PromptBatch, Step, decode
+from .errors import ContextWindowError, RequestError, UnknownExpertError
+from .fusion import make_solver
+from .models import LoadedModel, ModelSet, load_models
+from .text import IncrementalText
+
+MODES = ("none", "static", "paper", "dynamic")
+
+
+@dataclass(frozen=True)
+class FusionPrompt:
+    """A prompt, with optional renderings for particular models.
+
+    `large` is what the large model reads (e.g. with few-shot examples or its chat template),
+    `small` what the small base and experts read, `experts` a rendering for a single expert.
+    Each defaults to `text`. After the prompt, every model reads the same generated tokens.
+    """
+
+    text: str
+    large: str | None = None
+    small: str | None = None
+    experts: Mapping[str, str] = field(default_factory=dict)
+    add_special_tokens: bool = True  # False for chat-template renderings, which carry their own BOS
+
+
+@dataclass
+class Generation:
+    """The outcome of one prompt."""
+
+    text: str  # new text only, cut at the first stop string
+    token_ids: list[int]  # generated ids (including a final EOS)
+    finish_reason: str  # "stop" | "length" | "eos"
+    prompt_tokens: int  # as the large model read it
+    experts: list[str]  # experts fused, in alpha's column order
+    mode: str
+    alpha: list[list[float]] = field(default_factory=list)  # [step][expert]
+    fallback_steps: list[int] = field(default_factory=list)  # steps where the large model ruled
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def alpha_summary(self) -> dict[str, dict[str, float]]:
+        """Mean, min and max alpha per expert over the generated tokens."""
+        if not self.alpha:
+            return {}
+        table = torch.tensor(self.alpha)
+        return {
+            name: {
+                "mean": round(float(table[:, i].mean()), 4),
+                "min": round(float(table[:, i].min()), 4),
+                "max": round(float(table[:, i].max()), 4),
+            }
+            for i, name in enumerate(self.experts)
+        }
+
+
+@dataclass
+class StreamChunk:
+    """A piece of one row's text; the row's last chunk carries its `Generation`."""
+
+    row: int
+    text: str
+    generation: Generation | None = None
+
+
+class FusionEngine:
+    """Decode a large model with small experts by logit fusion.
+
+    >>> engine = FusionEngine("fusion.yaml")
+    >>> engine.generate("Question: 2 + 3 = ?\\nAnswer:", experts=["math"])[0].text
+    """
+
+    def __init__(self, config: FusionConfig | dict[str, Any] | str | Path):
+        self.config = FusionConfig.load(config)
+        self._models: ModelSet | None = None
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------------------------
+    @property
+    def models(self) -> ModelSet:
+        if self._models is None:
+            with self._load_lock:
+                if self._models is None:
+                    self._models = load_models(self.config)
+        return self._models
+
+    def load(self) -> FusionEngine:
+        """Load every model now (otherwise the first request does)."""
+        _ = self.models
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        return self._models is not None
+
+    @property
+    def expert_names(self) -> list[str]:
+        return self.config.expert_names
+
+    @property
+    def context_window(self) -> int | None:
+        return self.models.large.context_window
+
+    @property
+    def tokenizer(self):
+        """The large model's tokenizer: it decodes the generated ids."""
+        return self.models.large.tokenizer
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
+        *,
+        experts: Sequence[str] | None = None,
+        mode: FusionMode | None = None,
+        **overrides: Any,
+    ) -> list[Generation]:
+        """Generate for every prompt in one batch; one `Generation` per prompt, in order.
+
+        `experts`: names of the experts to fuse (None: all configured; []: the large model alone).
+        `mode`: override the configured fusion mode. Other keywords override `GenerationSpec`
+        fields (max_new_tokens, temperature, top_k, top_p, seed, stop, truncate_prompt).
+        """
+        generations: dict[int, Generation] = {}
+        for chunk in self.stream(prompts, experts=experts, mode=mode, **overrides):
+            if chunk.generation is not None:
+                generations[chunk.row] = chunk.generation
+        return [generations[i] for i in range(len(generations))]
+
+    def stream(
+        self,
+        prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
+        *,
+        experts: Sequence[str] | None = None,
+        mode: FusionMode | None = None,
+        **overrides: Any,
+    ) -> Iterator[StreamChunk]:
+        """Like `generate`, but yields text deltas per row as tokens are decoded.
+
+        Text that might be the start of a stop string is held back until it is not. Closing the
+        iterator early stops the generation and frees the models for the next call.
+        """
+        batch = _as_prompts(prompts)
+        spec = self.config.generation.updated(**overrides)
+        chosen = self._resolve_experts(experts)
+        mode = self._resolve_mode(mode, chosen)
+        if mode == "none":
+            chosen = []
+        models = self.models
+        token_batch = self._tokenize(batch, chosen, spec)
+        solver = make_solver(
+            mode,
+            torch.tensor([self._expert_spec(e).alpha for e in chosen]),
+            self.config.fusion.alpha_min,
+            self.config.fusion.alpha_max,
+            self.config.fusion.grid_step,
+            self.config.fusion.newton_steps,
+        )
+        eos_ids = _eos_ids(models.large)
+        return self._run(token_batch, chosen, mode, solver, spec, eos_ids)
+
+    def _run(self, token_batch, chosen, mode, solver, spec, eos_ids) -> Iterator[StreamChunk]:
+        rows = [
+            IncrementalText(self.models.large.tokenizer, spec.stop, eos_ids)
+            for _ in token_batch.large
+        ]
+        alphas: list[list[list[float]]] = [[] for _ in rows]
+        fallbacks: list[list[int]] = [[] for _ in rows]
+        with self._run_lock:
+            steps = decode(self.models, token_batch, chosen, solver, spec, eos_ids)
+            try:
+                for step in steps:
+                    yield from self._chunks(
+                        step, rows, alphas, fallbacks, token_batch, chosen, mode
+                    )
+            finally:
+                steps.close()
+
+    def _chunks(self, step: Step, rows, alphas, fallbacks, token_batch, chosen, mode):
+        for i, row in enumerate(step.rows):
+            text = rows[row]
+            alphas[row].append([round(a, 4) for a in step.alpha[i].tolist()])
+            if step.fallback[i]:
+                fallbacks[row].append(len(text.token_ids))
+            delta = text.push(step.tokens[i])
+            if row in step.finished:
+                delta += text.finish()
+                yield StreamChunk(
+                    row,
+                    delta,
+                    Generation(
+                        text=text.final_text(),
+                        token_ids=list(text.token_ids),
+                        finish_reason=step.finished[row],
+                        prompt_tokens=len(token_batch.large[row]),
+                        experts=list(chosen),
+                        mode=mode,
+                        alpha=alphas[row],
+                        fallback_steps=fallbacks[row],
+                    ),
+                )
+            elif delta:
+                yield StreamChunk(row, delta)
+
+    # -- chat ----------------------------------------------------------------------------------
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> FusionPrompt:
+        """Render chat messages with each model's own chat template (large, small base, experts)."""
+        models = self.models
+        large = _apply_template(models.large, messages, tools)
+        small = _apply_template(models.small, messages, tools)
+        experts = {
+            name: _apply_template(m, messages, tools) for name, m in models.full_experts.items()
+        }
+        return FusionPrompt(large, large, small, experts, add_special_tokens=False)
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.models.large.tokenizer, "chat_template", None))
+
+    # -- request validation --------------------------------------------------------------------
+    def _resolve_experts(self, experts: Sequence[str] | None) -> list[str]:
+        if experts is None:
+            return list(self.expert_names)
+        if isinstance(experts, str):
+            experts = [experts]
+        unknown = [e for e in experts if e not in self.expert_names]
+        if unknown:
+            known = ", ".join(self.expert_names) or "none configured"
+            msg = f"unknown expert(s) {', '.join(map(repr, unknown))}; configured experts: {known}"
+            raise UnknownExpertError(msg)
+        return list(dict.fromkeys(experts))
+
+    def _resolve_mode(self, mode: str | None, chosen: list[str]) -> str:
+        mode = mode or self.config.fusion.mode
+        if mode not in MODES:
+            msg = f"unknown fusion mode {mode!r}; use one of {', '.join(MODES)}"
+            raise RequestError(msg)
+        return mode if chosen else "none"
+
+    def _expert_spec(self, name: str):
+        return next(e for e in self.config.experts if e.name == name)
+
+    def _tokenize(
+        self, batch: list[FusionPrompt], chosen: list[str], spec: GenerationSpec
+    ) -> PromptBatch:
+        models = self.models
+        large = [self._encode(models.large, p.large or p.text, p, spec) for p in batch]
+        if not chosen:
+            return PromptBatch(large=large, small=[])
+        small = [self._encode(models.small, p.small or p.text, p, spec) for p in batch]
+        experts = {}
+        for name in chosen:
+            if any(name in p.experts for p in batch):
+                owner = models.full_experts.get(name, models.small)
+                experts[name] = [
+                    self._encode(owner, p.experts.get(name, p.small or p.text), p, spec)
+                    for p in batch
+                ]
+        return PromptBatch(large=large, small=small, experts=experts)
+
+    def _encode(
+        self, model: LoadedModel, text: str, prompt: FusionPrompt, spec: GenerationSpec
+    ) -> list[int]:
+        ids = model.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+        window = model.context_window
+        if window is None or len(ids) + spec.max_new_tokens <= window:
+            return ids
+        room = window - spec.max_new_tokens
+        if spec.truncate_prompt and room > 0:
+            return ids[-room:]
+        msg = (
+            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({spec.max_new_tokens}) exceeds the "
+            f"{model.name}'s context window of {window} tokens; shorten the prompt, lower max_new_tokens"
+            + (" or set truncate_prompt=True" if room > 0 else f" below {window}")
+        )
+        raise ContextWindowError(msg)
+
+
+def _as_prompts(prompts: Any) -> list[FusionPrompt]:
+    items = [prompts] if isinstance(prompts, (str, FusionPrompt)) else prompts
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
+        msg = f"prompts must be a string, a FusionPrompt or a list of them, got {type(prompts).__name__}"
+        raise RequestError(msg)
+    if len(items) == 0:
+        raise RequestError("no prompts given; pass at least one prompt")
+    batch = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = FusionPrompt(item)
+        if not isinstance(item, FusionPrompt) or not isinstance(item.text, str):
+            msg = f"prompt {i} must be a string or a FusionPrompt, got {type(item).__name__}"
+            raise RequestError(msg)
+        if not item.text.strip():
+            msg = f"prompt {i} is empty or whitespace; give the model something to continue"
+            raise RequestError(msg)
+        batch.append(item)
+    return batch
+
+
+def _eos_ids(model: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model.model, "generation_config", None), model.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def _apply_template(model: LoadedModel, messages, tools) -> str:
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        msg = (
+            f"the {model.name} has no chat template; render the prompt yourself or use a chat model"
+        )
+        raise RequestError(msg)
+    return tokenizer.apply_chat_template(
+        list(messages), tools=tools, tokenize=False, add_generation_prompt=True
+    )

@@ -1,0 +1,389 @@
+"""Logit fusion and the per-step alpha solvers: pure functions over tensors.
+
+Dimensions: B rows of the batch, T experts, V vocabulary, C candidates. Every input is a
+log-probability (log-softmax) tensor in float32; row constants cancel in softmax, so fusing
+log-probabilities gives the same distribution as fusing raw logits.
+
+Notation (per row): P = softmax(z_large), Q = softmax(z_small), Q_t = softmax(z_t) for expert t,
+d_t = log Q_t - log Q (the expert's shift), and the fused distribution
+
+    P~ = softmax(log P + sum_t alpha_t * d_t).
+
+Fine-tuning moved the small model by f_t = KL(Q_t || Q) (forward) and r_t = KL(Q || Q_t) (reverse).
+The fusion objective (Eq. 3 for one expert, Eq. 5 for several) asks the large model to move as much:
+
+    L(alpha) = sum_t active [ (KL(P~ || P) - f_t)^2 + (KL(P || P~) - r_t)^2 ].
+
+Order of operations in one decoding step:
+    1. log-softmax every model's logits (`log_probs`), drop rows with non-finite values (`finite_rows`);
+    2. shifts d_t and targets f_t, r_t from the small models (`expert_shifts`);
+    3. alpha from the mode: zeros (`none`), fixed (`static`), grid (`paper_alpha`) or
+       continuous (`dynamic_alpha`);
+    4. fused logits (`fuse`), then sampling (elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .errors import NumericalFaultError
+
+Tensor = torch.Tensor
+
+
+class ExpertShifts(NamedTuple):
+    """What fine-tuning did to the small base, per row and expert."""
+
+    deltas: Tensor  # [B, T, V] d_t = log Q_t - log Q
+    forward_kl: Tensor  # [B, T] f_t = KL(Q_t || Q)
+    reverse_kl: Tensor  # [B, T] r_t = KL(Q || Q_t)
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """log-softmax in float32 over the last axis, whatever the model's dtype."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def finite_rows(*logits: Tensor) -> Tensor:
+    """[B] True where every given tensor ([B, ..., V]) is finite in that row."""
+    ok = torch.ones(logits[0].shape[0], dtype=torch.bool, device=logits[0].device)
+    for z in logits:
+        ok &= torch.isfinite(z).flatten(1).all(dim=1)
+    return ok
+
+
+def expert_shifts(small_logp: Tensor, expert_logp: Tensor) -> ExpertShifts:
+    """d_t = log Q_t - log Q;  f_t = sum_v Q_t (log Q_t - log Q);  r_t = sum_v Q (log Q - log Q_t)."""
+    deltas = expert_logp - small_logp[:, None, :]  # [B, T, V]
+    forward_kl = (expert_logp.exp() * deltas).sum(-1)  # [B, T]
+    reverse_kl = -(small_logp.exp()[:, None, :] * deltas).sum(-1)  # [B, T]
+    return ExpertShifts(deltas, forward_kl, reverse_kl)
+
+
+def fuse(large_logp: Tensor, deltas: Tensor, alpha: Tensor) -> Tensor:
+    """Fused logits  log P + sum_t alpha_t d_t  ([B, V]); alpha is [B, T]."""
+    return large_logp + torch.einsum("bt,btv->bv", alpha.to(deltas.dtype), deltas)
+
+
+def fused_kls(large_logp: Tensor, deltas: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """(KL(P~ || P), KL(P || P~)), each [B].
+
+    With s = sum_t alpha_t d_t and log Z = logsumexp(log P + s):
+        KL(P~ || P) = E_P~[s] - log Z,    KL(P || P~) = log Z - E_P[s].
+    """
+    shift = torch.einsum("bt,btv->bv", alpha.to(deltas.dtype), deltas)  # [B, V]
+    log_z = torch.logsumexp(large_logp + shift, dim=-1)  # [B]
+    p_fused = torch.exp(large_logp + shift - log_z[:, None])
+    forward = (p_fused * shift).sum(-1) - log_z
+    reverse = log_z - (large_logp.exp() * shift).sum(-1)
+    return forward, reverse
+
+
+def fusion_objective(
+    large_logp: Tensor, shifts: ExpertShifts, alpha: Tensor, active: Tensor
+) -> Tensor:
+    """L(alpha) of Eq. 5 per row ([B]); inactive experts ([B, T] False) neither shift nor count."""
+    forward, reverse = fused_kls(large_logp, shifts.deltas, alpha * active)
+    per_expert = (forward[:, None] - shifts.forward_kl) ** 2 + (
+        reverse[:, None] - shifts.reverse_kl
+    ) ** 2
+    return (per_expert * active).sum(-1)
+
+
+def static_alpha(weights: Tensor, active: Tensor) -> Tensor:
+    """Fixed alpha per expert ([T]) broadcast to the rows ([B, T]); alpha = 1 is proxy-tuning."""
+    return weights.to(active.device)[None, :] * active
+
+
+def alpha_grid(alpha_min: float, alpha_max: float, step: float, device=None) -> Tensor:
+    """alpha_min, alpha_min + step, ..., alpha_max (the paper: 0, 0.1, ..., 2)."""
+    count = round((alpha_max - alpha_min) / step) + 1
+    return torch.linspace(alpha_min, alpha_min + (count - 1) * step, count, device=device)
+
+
+def paper_alpha(large_logp: Tensor, shifts: ExpertShifts, active: Tensor, grid: Tensor) -> Tensor:
+    """The paper's solver: one expert at a time over a grid (default 0, 0.1, ..., 2).
+
+    Candidates are alpha = a * e_t for every grid value a and active expert t; each is scored with
+    the full loss L of Eq. 5 and the first best candidate (expert-major, ascending a) is kept.
+    The best loss starts afresh at every step (the paper's pseudo-code forgets to reset it).
+    """
+    batch, experts = active.shape
+    centred = _centre(large_logp, shifts.deltas)
+    losses = []
+    for a in grid.tolist():
+        forward, reverse = _axis_kls(large_logp, centred, torch.full_like(shifts.forward_kl, a))
+        loss = _summed_loss(forward, reverse, shifts, active)  # [B, T]
+        losses.append(torch.where(active, loss, torch.inf))
+    losses = torch.stack(losses, dim=-1)  # [B, T, n]
+    best = losses.flatten(1).argmin(dim=1)  # [B] first minimum in expert-major order
+    expert, step = best // grid.numel(), best % grid.numel()
+    alpha = torch.zeros(batch, experts, dtype=large_logp.dtype, device=large_logp.device)
+    alpha[torch.arange(batch, device=alpha.device), expert] = grid.to(alpha)[step]
+    return alpha * active
+
+
+def dynamic_alpha(
+    large_logp: Tensor,
+    shifts: ExpertShifts,
+    active: Tensor,
+    alpha_min: float = 0.0,
+    alpha_max: float = 2.0,
+    grid_step: float = 0.1,
+    newton_steps: int = 4,
+    joint_steps: int = 4,
+) -> Tensor:
+    """Continuous minimiser of L over [alpha_min, alpha_max]^T, joint over the active experts.
+
+    L = n * [(KL(P~||P) - mean f)^2 + (KL(P||P~) - mean r)^2] + const, so the solver matches the
+    experts' mean forward and reverse shift. Three stages, vectorised over rows and experts:
+      1. scan every single-expert axis on the grid (the paper's candidates): L is not unimodal in
+         general (the curve (KL(P~||P), KL(P||P~)) can pass the target twice), so the scan is what
+         makes the result never worse than the paper's;
+      2. safeguarded Newton with analytic derivatives inside the best grid cell of each axis;
+      3. from the best axis point, Levenberg-Marquardt steps on the two residuals in R^T, each
+         accepted only if it lowers L (several experts can match both targets at once).
+    """
+    mean_forward, mean_reverse = _active_means(shifts, active)
+    centred = _centre(large_logp, shifts.deltas)
+    grid = alpha_grid(alpha_min, alpha_max, grid_step, device=large_logp.device)
+    axis_alpha, axis_loss = _best_axis(
+        large_logp, centred, active, mean_forward, mean_reverse, grid, newton_steps
+    )
+    alpha = _joint_refine(
+        large_logp, centred, active, mean_forward, mean_reverse,
+        axis_alpha, axis_loss, alpha_min, alpha_max, joint_steps,
+    )  # fmt: skip
+    return torch.nan_to_num(alpha, nan=0.0).clamp(alpha_min, alpha_max) * active
+
+
+def _centre(large_logp: Tensor, deltas: Tensor) -> Tensor:
+    """d - E_P[d]: changes no P~, makes K'(0) = 0 and keeps the KL terms well conditioned."""
+    return deltas - (large_logp.exp()[:, None, :] * deltas).sum(-1, keepdim=True)
+
+
+def _summed_loss(forward: Tensor, reverse: Tensor, shifts: ExpertShifts, active: Tensor) -> Tensor:
+    """sum_u active (forward - f_u)^2 + (reverse - r_u)^2, for fused KLs of shape [B, T]."""
+    terms = (forward[..., None] - shifts.forward_kl[:, None, :]) ** 2 + (
+        reverse[..., None] - shifts.reverse_kl[:, None, :]
+    ) ** 2  # [B, T candidates, T experts]
+    return (terms * active[:, None, :]).sum(-1)
+
+
+def _active_means(shifts: ExpertShifts, active: Tensor) -> tuple[Tensor, Tensor]:
+    count = active.sum(-1).clamp(min=1)  # [B]
+    mean_forward = (shifts.forward_kl * active).sum(-1) / count
+    mean_reverse = (shifts.reverse_kl * active).sum(-1) / count
+    return mean_forward, mean_reverse
+
+
+def _axis_kls(large_logp: Tensor, centred: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """(KL(P~||P), KL(P||P~)) at alpha = a_t * e_t for every expert t ([B, T] each), one exp pass.
+
+    K(a) = log E_P[exp(a d)] with d centred:  KL(P~||P) = a K'(a) - K(a),  KL(P||P~) = K(a).
+    """
+    logits = large_logp[:, None, :] + a[..., None] * centred  # [B, T, V]
+    top = logits.amax(-1, keepdim=True)
+    unnorm = torch.exp(logits - top)
+    total = unnorm.sum(-1)
+    cgf = top[..., 0] + torch.log(total)  # K(a)
+    mean = (unnorm * centred).sum(-1) / total  # K'(a)
+    return a * mean - cgf, cgf
+
+
+def _axis_terms(
+    large_logp: Tensor, centred: Tensor, a: Tensor, mean_forward: Tensor, mean_reverse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h, h', h'' at alpha = a_t * e_t for every expert t ([B, T] each).
+
+    With x = KL(P~||P) = a K1 - K, y = KL(P||P~) = K (K1, K2, K3: derivatives of K),
+    x' = a K2, y' = K1 and h = (x - mean f)^2 + (y - mean r)^2:
+        h'  = 2 (x - f) a K2 + 2 (y - r) K1
+        h'' = 2 (a K2)^2 + 2 (x - f)(K2 + a K3) + 2 K1^2 + 2 (y - r) K2.
+    """
+    logits = large_logp[:, None, :] + a[..., None] * centred  # [B, T, V]
+    cgf = torch.logsumexp(logits, dim=-1)  # K
+    weights = torch.exp(logits - cgf[..., None])  # P~ along the axis
+    mean = (weights * centred).sum(-1)  # K1
+    spread = centred - mean[..., None]
+    var = (weights * spread**2).sum(-1)  # K2
+    skew = (weights * spread**3).sum(-1)  # K3
+    res_x = a * mean - cgf - mean_forward[:, None]
+    res_y = cgf - mean_reverse[:, None]
+    h = res_x**2 + res_y**2
+    dh = 2 * res_x * a * var + 2 * res_y * mean
+    d2h = 2 * (a * var) ** 2 + 2 * res_x * (var + a * skew) + 2 * mean**2 + 2 * res_y * var
+    return h, dh, d2h
+
+
+def _best_axis(
+    large_logp: Tensor,
+    centred: Tensor,
+    active: Tensor,
+    mean_forward: Tensor,
+    mean_reverse: Tensor,
+    grid: Tensor,
+    newton_steps: int,
+) -> tuple[Tensor, Tensor]:
+    """Stages 1-2: minimise h along every axis, keep the best axis per row -> alpha [B, T], h [B]."""
+    batch, experts = active.shape
+    h_grid = []
+    for a in grid:
+        forward, reverse = _axis_kls(large_logp, centred, a.expand(batch, experts))
+        h_grid.append(
+            (forward - mean_forward[:, None]) ** 2 + (reverse - mean_reverse[:, None]) ** 2
+        )
+    k = torch.nan_to_num(torch.stack(h_grid, dim=-1), nan=torch.inf).argmin(dim=-1)  # [B, T]
+    last = grid.numel() - 1
+    a, left, right = grid[k], grid[(k - 1).clamp(min=0)], grid[(k + 1).clamp(max=last)]
+    h, dh, d2h = _axis_terms(large_logp, centred, a, mean_forward, mean_reverse)
+    best_a, best_h = a, h
+    for _ in range(newton_steps):
+        # The minimum lies on the side h' points away from. At a bracket end h' carries no side
+        # to drop (at alpha = 0 it is 0 up to rounding), so only interior points shrink the bracket.
+        right = torch.where((dh > 0) & (a > left), a, right)
+        left = torch.where((dh < 0) & (a < right), a, left)
+        newton = a - dh / d2h
+        inside = (d2h > 0) & (newton > left) & (newton < right)
+        a = torch.where(inside, newton, (left + right) / 2)
+        h, dh, d2h = _axis_terms(large_logp, centred, a, mean_forward, mean_reverse)
+        better = h < best_h
+        best_a, best_h = torch.where(better, a, best_a), torch.where(better, h, best_h)
+    best_h = torch.where(active, torch.nan_to_num(best_h, nan=torch.inf), torch.inf)
+    axis = best_h.argmin(dim=-1)  # [B]
+    rows = torch.arange(batch, device=best_a.device)
+    alpha = torch.zeros_like(best_a)
+    alpha[rows, axis] = best_a[rows, axis]
+    return alpha, best_h[rows, axis]
+
+
+def _joint_terms(
+    large_logp: Tensor, centred: Tensor, alpha: Tensor, mean_forward: Tensor, mean_reverse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Residuals ([B, 2]), their Jacobian ([B, 2, T]) and h ([B]) at a joint alpha.
+
+    dKL(P||P~)/dalpha = E_P~[d];  dKL(P~||P)/dalpha = Cov_P~(d) alpha.
+    """
+    shift = torch.einsum("bt,btv->bv", alpha, centred)
+    cgf = torch.logsumexp(large_logp + shift, dim=-1)  # [B]
+    weights = torch.exp(large_logp + shift - cgf[:, None])  # [B, V]
+    mean = torch.einsum("bv,btv->bt", weights, centred)  # [B, T]
+    second = torch.einsum("bv,btv,bsv->bts", weights, centred, centred)  # [B, T, T]
+    cov = second - mean[:, :, None] * mean[:, None, :]
+    residual = torch.stack([(weights * shift).sum(-1) - cgf - mean_forward, cgf - mean_reverse], -1)
+    jacobian = torch.stack([torch.einsum("bts,bs->bt", cov, alpha), mean], dim=1)
+    return residual, jacobian, (residual**2).sum(-1)
+
+
+def _joint_refine(
+    large_logp: Tensor,
+    centred: Tensor,
+    active: Tensor,
+    mean_forward: Tensor,
+    mean_reverse: Tensor,
+    alpha: Tensor,
+    loss: Tensor,
+    alpha_min: float,
+    alpha_max: float,
+    steps: int,
+) -> Tensor:
+    """Stage 2: damped minimum-norm Gauss-Newton on the two residuals, accepted only if h drops."""
+    if active.shape[1] < 2:
+        return alpha
+    mask = active.to(alpha.dtype)
+    residual, jacobian, _ = _joint_terms(large_logp, centred, alpha, mean_forward, mean_reverse)
+    damping = torch.full_like(loss, 1e-3)
+    eye = torch.eye(2, dtype=alpha.dtype, device=alpha.device)
+    for _ in range(steps):
+        jac = jacobian * mask[:, None, :]  # inactive experts stay at 0
+        gram = jac @ jac.transpose(1, 2)  # [B, 2, 2]
+        scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-12)
+        system = gram + (damping * scale)[:, None, None] * eye
+        step = -(jac.transpose(1, 2) @ torch.linalg.solve(system, residual[..., None]))[..., 0]
+        candidate = (alpha + step).clamp(alpha_min, alpha_max) * mask
+        new_residual, new_jacobian, new_loss = _joint_terms(
+            large_logp, centred, candidate, mean_forward, mean_reverse
+        )
+        better = new_loss < loss
+        alpha = torch.where(better[:, None], candidate, alpha)
+        loss = torch.where(better, new_loss, loss)
+        residual = torch.where(better[:, None], new_residual, residual)
+        jacobian = torch.where(better[:, None, None], new_jacobian, jacobian)
+        damping = torch.where(better, damping / 3, damping * 4)
+    return alpha
+
+
+class FusedStep(NamedTuple):
+    """One decoding step's fused distribution (as logits), the alpha used and the fallback rows."""
+
+    logits: Tensor  # [B, V]
+    alpha: Tensor  # [B, T]
+    fallback: Tensor  # [B] True where a model's logits were not finite and the large model ruled
+
+
+AlphaSolver = Callable[[Tensor, ExpertShifts, Tensor], Tensor]
+
+
+def make_solver(
+    mode: str,
+    static_weights: Tensor,
+    alpha_min: float = 0.0,
+    alpha_max: float = 2.0,
+    grid_step: float = 0.1,
+    newton_steps: int = 4,
+) -> AlphaSolver | None:
+    """The alpha solver of a fusion mode; None for `none` (the large model alone)."""
+    if mode == "none":
+        return None
+    if mode == "static":
+        return lambda large_logp, shifts, active: static_alpha(static_weights, active)
+    if mode == "paper":
+        grid = alpha_grid(alpha_min, alpha_max, grid_step)
+        return lambda large_logp, shifts, active: paper_alpha(
+            large_logp, shifts, active, grid.to(large_logp.device)
+        )
+    if mode == "dynamic":
+        return lambda large_logp, shifts, active: dynamic_alpha(
+            large_logp, shifts, active, alpha_min, alpha_max, grid_step, newton_steps
+        )
+    msg = f"unknown fusion mode {mode!r}; use none, static, paper or dynamic"
+    raise ValueError(msg)
+
+
+def fusion_step(
+    large_logits: Tensor,
+    small_logits: Tensor | None,
+    expert_logits: Tensor | None,
+    active: Tensor,
+    solver: AlphaSolver | None,
+) -> FusedStep:
+    """Steps 1-4 of the module docstring for raw logits [B, V], [B, V], [B, T, V].
+
+    A row where any model's logits are not finite falls back to the large model (flagged); a row
+    where the large model itself has no finite logit cannot be sampled and raises.
+    """
+    batch = large_logits.shape[0]
+    large_ok = torch.isfinite(large_logits)
+    large_logp = log_probs(torch.where(large_ok, large_logits, -torch.inf))
+    ok = large_ok.all(dim=-1)
+    if solver is None or expert_logits is None or expert_logits.shape[1] == 0:
+        alpha = large_logp.new_zeros(batch, 0 if expert_logits is None else expert_logits.shape[1])
+        result = FusedStep(large_logp, alpha, ~ok)
+    else:
+        ok &= finite_rows(small_logits, expert_logits)
+        keep = ok[:, None]
+        clean_large = torch.where(keep, large_logp, 0.0)
+        shifts = expert_shifts(
+            log_probs(torch.where(keep, small_logits, 0.0)),
+            log_probs(torch.where(keep[..., None], expert_logits, 0.0)),
+        )
+        alpha = solver(clean_large, shifts, active) * keep
+        fused = torch.where(keep, fuse(clean_large, shifts.deltas, alpha), large_logp)
+        result = FusedStep(fused, alpha, ~ok)
+    if not bool(large_ok.any(dim=-1).all()):
+        msg = "the large model produced no finite logit for a row; nothing can be sampled"
+        raise NumericalFaultError(msg)
+    return result
