@@ -1,0 +1,165 @@
+"""What the LangChain and LlamaIndex adapters share: one engine per config, chat messages in the
+engine's format, routed generation and the metadata they report. Imports neither framework.
+
+An adapter translates its framework's messages and parameters into a `FusionClient` call and the
+`RoutedGeneration`s back into framework objects; the client routes (see `router.py`), groups rows
+that share experts into one engine batch each, and runs the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import FusionConfig
+from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
+from .errors import RequestError
+from .router import Route, RoutingDecision, TaskRouter
+
+T = TypeVar("T")
+
+# Role names of both frameworks -> the role names chat templates expect.
+CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "chatbot": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
+
+_engines: dict[str, FusionEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(config: FusionConfig | dict[str, Any] | str | Path) -> FusionEngine:
+    """The engine of a config, shared by every adapter built from an equal config (lazy: cheap)."""
+    resolved = FusionConfig.load(
+        str(Path(config).resolve()) if isinstance(config, (str, Path)) else config
+    )
+    key = resolved.model_dump_json()
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = FusionEngine(resolved)
+        return _engines[key]
+
+
+def chat_message(role: str, content: str, **extra: Any) -> dict[str, Any]:
+    """A chat-template message; `extra` (e.g. tool_calls, tool_call_id, name) is kept when not None."""
+    if role not in CHAT_ROLES:
+        msg = f"unsupported chat role {role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"
+        raise RequestError(msg)
+    return {"role": CHAT_ROLES[role], "content": content} | {
+        k: v for k, v in extra.items() if v is not None
+    }
+
+
+@dataclass
+class RoutedGeneration:
+    """One prompt's generation and the routing decision it ran under."""
+
+    generation: Generation
+    decision: RoutingDecision
+
+    @property
+    def usage(self) -> dict[str, int]:
+        prompt, completion = self.generation.prompt_tokens, self.generation.completion_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Finish reason, token counts, experts, fusion mode, alpha summary, routing decision."""
+        g = self.generation
+        return {
+            "finish_reason": g.finish_reason,
+            **self.usage,
+            "experts": list(g.experts),
+            "fusion_mode": g.mode,
+            "alpha_summary": g.alpha_summary(),
+            "routing": self.decision.as_dict(),
+        }
+
+
+class FusionClient:
+    """Routed generation over one engine: the work behind both adapters."""
+
+    def __init__(
+        self, engine: FusionEngine, threshold: float = 0.0, max_experts: int | None = None
+    ):
+        self.engine = engine
+        self.router = TaskRouter(engine, threshold, max_experts)
+
+    def chat_prompt(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None
+    ) -> FusionPrompt:
+        return self.engine.render_chat(messages, tools)
+
+    def generate(
+        self,
+        prompts: Sequence[str | FusionPrompt],
+        routes: Sequence[tuple[Route, str]],
+        **overrides: Any,
+    ) -> list[RoutedGeneration]:
+        """Route each prompt (`routes[i]` = (route, source)), then one engine batch per expert set."""
+        batch = [p if isinstance(p, FusionPrompt) else FusionPrompt(p) for p in prompts]
+        decisions = self._decide(batch, routes)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for row, decision in enumerate(decisions):
+            groups.setdefault(tuple(decision.experts), []).append(row)
+        results: list[RoutedGeneration | None] = [None] * len(batch)
+        for experts, rows in groups.items():
+            generations = self.engine.generate(
+                [batch[r] for r in rows], experts=list(experts), **overrides
+            )
+            for row, generation in zip(rows, generations, strict=False):
+                results[row] = RoutedGeneration(generation, decisions[row])
+        return results  # type: ignore[return-value]  # every row was filled
+
+    def stream(
+        self, prompt: str | FusionPrompt, route: Route, source: str, **overrides: Any
+    ) -> tuple[RoutingDecision, Iterator[StreamChunk]]:
+        """Route one prompt and start streaming it; close the iterator to stop early."""
+        prompt = prompt if isinstance(prompt, FusionPrompt) else FusionPrompt(prompt)
+        (decision,) = self._decide([prompt], [(route, source)])
+        return decision, self.engine.stream(prompt, experts=decision.experts, **overrides)
+
+    def _decide(
+        self, batch: Sequence[FusionPrompt], routes: Sequence[tuple[Route, str]]
+    ) -> list[RoutingDecision]:
+        decisions: list[RoutingDecision | None] = [None] * len(batch)
+        by_route: dict[str, list[int]] = {}
+        for row, (route, source) in enumerate(routes):
+            by_route.setdefault(repr((route, source)), []).append(row)
+        for rows in by_route.values():
+            route, source = routes[rows[0]]
+            for row, d in zip(rows, self.router.decide([batch[r] for r in rows], route, source), strict=False):
+                decisions[row] = d
+        return decisions  # type: ignore[return-value]  # every row was filled
+
+
+async def iterate_in_thread(iterator: Iterator[T]) -> AsyncIterator[T]:
+    """Drive a blocking iterator from async code without blocking the event loop.
+
+    Each `next` runs in a worker thread; leaving the `async for` early closes the iterator (for an
+    engine stream: stops decoding and frees the engine for the next call).
+    """
+    finished = object()
+    try:
+        while (item := await asyncio.to_thread(next, iterator, finished)) is not finished:
+            yield item  # type: ignore[misc]
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)

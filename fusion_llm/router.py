@@ -1,0 +1,247 @@
+"""Which experts are active for one LLM call (one chain step): explicit hints or the prompt itself.
+
+A *route* names the experts of a call: a list of task names (a task is named after its expert), or
+one of the keywords
+
+    "all"   every configured expert (the engine's default),
+    "none"  the large model alone,
+    "auto"  the likelihood-ratio router below picks, per prompt.
+
+Explicit hints, strongest first (the first one present wins; the others are ignored):
+
+    1. call      keyword arguments of the call, including bound ones: `experts=`, `tasks=`, `task=`
+                 (LangChain `llm.bind(task="math")`, LlamaIndex `llm.complete(p, tasks=[...])`);
+    2. metadata  `fusion_tasks` in the run metadata (LangChain `with_config(metadata=...)`) or in the
+                 LlamaIndex instrument tags (`instrument_tags({"fusion_tasks": [...]})`);
+    3. tags      LangChain run tags `task:<name>` (all of them, in order);
+    4. default   the adapter's `route` field ("all" unless set).
+
+Automatic routing scores each prompt under the small base S and every expert t (LoRA experts as
+rows of one peft forward, full experts in their own forward) and activates the experts whose mean
+per-token log-likelihood gain passes a threshold:
+
+    gain_t = 1/(n-1) * sum_{i=2..n} [ log p_t(x_i | x_<i) - log p_S(x_i | x_<i) ]   (nats per token)
+
+Experts with gain_t > threshold are kept, best first, at most `max_experts`; none -> large alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .engine import FusionEngine, FusionPrompt
+from .errors import RequestError, UnknownExpertError
+from .models import BASE_ADAPTER, LoadedModel
+
+TASKS_METADATA_KEY = "fusion_tasks"  # run metadata / instrument tag naming the route
+TASK_TAG_PREFIX = "task:"  # LangChain run tag naming one task
+CALL_KEYWORDS = ("experts", "tasks", "task")  # call keywords naming the route, strongest first
+KEYWORDS = ("all", "none", "auto")
+
+Route = str | list[str]  # one of KEYWORDS, or task names
+Source = Literal["call", "metadata", "tags", "default"]
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The experts active for one prompt, and why."""
+
+    experts: list[str]  # [] means the large model alone
+    source: str  # "call" | "metadata" | "tags" | "default": where the route came from
+    route: Route  # the route as given ("auto", "all", "none" or task names)
+    scores: dict[str, float] = field(
+        default_factory=dict
+    )  # auto only: gain per expert (nats/token)
+
+    @property
+    def reason(self) -> str:
+        """One line for traces, e.g. `auto via metadata: math (gain 0.41 > 0.0)`."""
+        chosen = ", ".join(self.experts) or "large model alone"
+        if not self.scores:
+            return f"{_route_text(self.route)} via {self.source}: {chosen}"
+        gains = ", ".join(f"{name} {gain:+.3f}" for name, gain in self.scores.items())
+        return f"auto via {self.source}: {chosen} (gains {gains})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "experts": list(self.experts),
+            "source": self.source,
+            "route": self.route,
+            "scores": dict(self.scores),
+            "reason": self.reason,
+        }
+
+
+# -- explicit hints ----------------------------------------------------------------------------
+def normalize_route(value: Any) -> Route:
+    """A route from a user value: a keyword, one task name, or a sequence of task names.
+
+    "none", [] and () all mean the large model alone; names keep their order, duplicates dropped.
+    """
+    if isinstance(value, str):
+        value = value.strip()
+        if value in KEYWORDS:
+            return value
+        return [value] if value else "none"
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        names = list(dict.fromkeys(str(v).strip() for v in value))
+        if any(n in KEYWORDS for n in names):
+            msg = f"route {names!r} mixes task names with a keyword; use one of {', '.join(KEYWORDS)} alone or only task names"
+            raise RequestError(msg)
+        return names or "none"
+    msg = f"a route must be a task name, a list of task names or one of {', '.join(KEYWORDS)}; got {value!r}"
+    raise RequestError(msg)
+
+
+def route_from_call(kwargs: Mapping[str, Any]) -> Route | None:
+    """The route named by call keywords (`experts=`, `tasks=`, `task=`), or None."""
+    for key in CALL_KEYWORDS:
+        if kwargs.get(key) is not None:
+            return normalize_route(kwargs[key])
+    return None
+
+
+def route_from_tags(tags: Iterable[str] | None) -> list[str] | None:
+    """Task names from `task:<name>` tags, in order, or None when there is none."""
+    names = [t[len(TASK_TAG_PREFIX) :] for t in tags or () if t.startswith(TASK_TAG_PREFIX)]
+    return list(dict.fromkeys(names)) or None
+
+
+def choose_route(
+    call: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    tags: Iterable[str] | None,
+    default: Any = "all",
+) -> tuple[Route, Source]:
+    """The strongest explicit route present: call > metadata > tags > default."""
+    if (route := route_from_call(call)) is not None:
+        return route, "call"
+    if metadata and metadata.get(TASKS_METADATA_KEY) is not None:
+        return normalize_route(metadata[TASKS_METADATA_KEY]), "metadata"
+    if (route := route_from_tags(tags)) is not None:
+        return route, "tags"
+    return normalize_route(default), "default"
+
+
+# -- the router --------------------------------------------------------------------------------
+class TaskRouter:
+    """Turns a route into the experts of each prompt; `auto` scores prompts by likelihood ratio.
+
+    `threshold`: minimum gain (nats per prompt token) for `auto` to activate an expert.
+    `max_experts`: keep at most this many experts per prompt under `auto` (None: no limit).
+    """
+
+    def __init__(
+        self, engine: FusionEngine, threshold: float = 0.0, max_experts: int | None = None
+    ):
+        if max_experts is not None and max_experts < 1:
+            msg = f"max_experts must be at least 1 or None, got {max_experts}"
+            raise RequestError(msg)
+        self.engine = engine
+        self.threshold = threshold
+        self.max_experts = max_experts
+
+    def decide(
+        self, prompts: Sequence[FusionPrompt], route: Route, source: str
+    ) -> list[RoutingDecision]:
+        """One decision per prompt."""
+        if route == "auto":
+            gains = self.gains(prompts)
+            return [self._pick(row, source) for row in gains]
+        experts = self._explicit_experts(route)
+        return [RoutingDecision(experts, source, route) for _ in prompts]
+
+    def gains(self, prompts: Sequence[FusionPrompt]) -> list[dict[str, float]]:
+        """Per-token log-likelihood gain of every expert over the small base, one dict per prompt."""
+        if not self.engine.expert_names:
+            return [{} for _ in prompts]
+        models = self.engine.models
+        # Generation shares these models (and peft's per-row adapter hooks): hold the engine's lock.
+        with self.engine._run_lock:
+            table = prompt_gains(models.small, models.lora_experts, models.full_experts, prompts)
+        return [
+            {name: round(float(table[name][row]), 4) for name in self.engine.expert_names}
+            for row in range(len(prompts))
+        ]
+
+    def _pick(self, gains: dict[str, float], source: str) -> RoutingDecision:
+        passing = [name for name, gain in gains.items() if gain > self.threshold]
+        chosen = sorted(passing, key=lambda name: -gains[name])[: self.max_experts]  # stable on ties
+        return RoutingDecision(chosen, source, "auto", gains)
+
+    def _explicit_experts(self, route: Route) -> list[str]:
+        if route == "all":
+            return list(self.engine.expert_names)
+        if route == "none":
+            return []
+        unknown = [n for n in route if n not in self.engine.expert_names]
+        if unknown:
+            known = ", ".join(self.engine.expert_names) or "none configured"
+            msg = f"unknown task(s) {', '.join(map(repr, unknown))}; a task is named after its expert: {known}"
+            raise UnknownExpertError(msg)
+        return list(route)
+
+
+# -- likelihood scoring (tensor math) -----------------------------------------------------------
+@torch.no_grad()
+def prompt_gains(
+    small: LoadedModel,
+    lora_experts: Sequence[str],
+    full_experts: Mapping[str, LoadedModel],
+    prompts: Sequence[FusionPrompt],
+) -> dict[str, torch.Tensor]:
+    """{expert: [B] gain over the small base}; LoRA experts share one forward with the base."""
+    small_ids = [_encode(small, p.small or p.text, p) for p in prompts]
+    batch = len(prompts)
+    if lora_experts:
+        adapters = [BASE_ADAPTER, *lora_experts]
+        scores = mean_log_likelihood(
+            small, small_ids * len(adapters), [a for a in adapters for _ in range(batch)]
+        ).view(len(adapters), batch)  # [1 + L, B]
+        base = scores[0]
+        gains = {name: scores[1 + k] - base for k, name in enumerate(lora_experts)}
+    else:
+        base = mean_log_likelihood(small, small_ids)  # [B]
+        gains = {}
+    for name, expert in full_experts.items():
+        ids = [_encode(expert, p.experts.get(name, p.small or p.text), p) for p in prompts]
+        gains[name] = mean_log_likelihood(expert, ids).to(base.device) - base
+    return gains
+
+
+def mean_log_likelihood(
+    loaded: LoadedModel, prompts: Sequence[Sequence[int]], adapter_names: list[str] | None = None
+) -> torch.Tensor:
+    """Mean log p(x_i | x_<i) over tokens 2..n of each prompt ([N]); 0 for one-token prompts.
+
+    Right padding, so positions need no correction; `adapter_names` selects a LoRA adapter per row.
+    """
+    device = loaded.input_device
+    width = max(len(p) for p in prompts)
+    pad = loaded.tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, : len(prompt)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    logits = loaded.model(input_ids=ids, attention_mask=mask, **extra).logits  # [N, L, V]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, L-1, V]
+    token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [N, L-1]
+    counted = mask[:, 1:].float()  # [N, L-1]
+    return (token_logp * counted).sum(-1) / counted.sum(-1).clamp(min=1)
+
+
+def _encode(loaded: LoadedModel, text: str, prompt: FusionPrompt) -> list[int]:
+    ids = loaded.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+    window = loaded.context_window
+    return ids[-window:] if window else ids
+
+
+def _route_text(route: Route) -> str:
+    return route if isinstance(route, str) else "tasks " + ", ".join(route)
