@@ -13,14 +13,16 @@ combine a cache with metadata- or tag-routing.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Self
 
-from fusion_llm import FusionEngine
+from fusion_llm import FusionConfig, FusionEngine
 from fusion_llm.client import FusionClient, shared_engine
-from fusion_llm.router import CALL_KEYWORDS, Route, choose_route
+from fusion_llm.router import Route, choose_route
 
 PROVIDER = "fusion_llm"
 
@@ -56,6 +58,17 @@ class FusionFields(BaseModel):
     """Stop strings, cut from the output; call-time `stop` is added to these."""
     streaming: bool = False
     """Stream tokens to callbacks during `invoke` as well."""
+
+    @classmethod
+    def from_engine(cls, engine: FusionEngine, **fields: Any) -> Self:
+        """A model over an existing engine (several models can share one)."""
+        return cls(engine=engine, **fields)
+
+    @classmethod
+    def from_config(cls, config: FusionConfig | dict[str, Any] | str | Path, **fields: Any) -> Self:
+        """A model over the shared engine of `config` (a file path, dict or FusionConfig)."""
+        path = str(config) if isinstance(config, (str, Path)) else None
+        return cls(engine=shared_engine(config), config_path=path, **fields)
 
     @model_validator(mode="after")
     def _attach_engine(self) -> FusionFields:
@@ -132,8 +145,3 @@ class FusionFields(BaseModel):
             "ls_stop": stop or self.stop,
         }
         return {k: v for k, v in params.items() if v is not None}
-
-
-def routing_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call keywords that name a route (they are not engine parameters)."""
-    return {k: kwargs[k] for k in CALL_KEYWORDS if k in kwargs}

@@ -1,0 +1,295 @@
+"""LangChain adapters over the tiny real model family: real langchain-core objects throughout."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.runnables import ConfigurableField
+from pydantic import BaseModel
+from tiny_family import MAX_NEW_TOKENS, tiny_config  # noqa: F401
+
+from fusion_llm import FusionEngine, UnknownExpertError
+from fusion_llm.client import shared_engine
+from langchain_fusion_llm import ChatFusedLLM, FusedLLM
+from langchain_fusion_llm.structured import structured_output
+
+
+class CountingEngine(FusionEngine):
+    """A real engine that records the batch size of each `generate` call."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.batch_sizes: list[int] = []
+
+    def generate(self, prompts, **kwargs):
+        self.batch_sizes.append(len(prompts) if isinstance(prompts, list) else 1)
+        return super().generate(prompts, **kwargs)
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+@pytest.fixture
+def chat(tiny_config: str) -> ChatFusedLLM:
+    return ChatFusedLLM(config_path=tiny_config)
+
+
+@pytest.fixture
+def llm(tiny_config: str) -> FusedLLM:
+    return FusedLLM(config_path=tiny_config)
+
+
+def routing(message: AIMessage) -> dict[str, Any]:
+    return message.response_metadata["routing"]
+
+
+# -- results and metadata -----------------------------------------------------------------------
+def test_chat_invoke_reports_usage_finish_reason_experts_and_alpha(chat: ChatFusedLLM) -> None:
+    message = chat.invoke([SystemMessage("be brief"), HumanMessage("the city of")])
+    usage = message.usage_metadata
+    assert usage["output_tokens"] <= MAX_NEW_TOKENS
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    meta = message.response_metadata
+    assert meta["finish_reason"] in {"eos", "length", "stop"}
+    assert meta["experts"] == ["full", "lora_a", "lora_b"]
+    assert set(meta["alpha_summary"]) <= {"full", "lora_a", "lora_b"}
+    assert routing(message)["source"] == "default"
+
+
+def test_chat_renders_every_role_and_any_message_last(chat: ChatFusedLLM) -> None:
+    history = [
+        SystemMessage("sys"),
+        HumanMessage("what is three plus seven"),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 3}, "id": "c1"}]),
+        ToolMessage("10", tool_call_id="c1"),
+        AIMessage("ten"),
+    ]
+    assert isinstance(chat.invoke(history), AIMessage)
+
+
+def test_llm_generate_batches_all_prompts_in_one_engine_call(tiny_config: str) -> None:
+    engine = CountingEngine(tiny_config)
+    llm = FusedLLM.from_engine(engine)
+    result = llm.generate(["the city of", "what is", "the king"])
+    assert engine.batch_sizes == [3]
+    info = [g[0].generation_info for g in result.generations]
+    assert result.llm_output["token_usage"]["completion_tokens"] == sum(
+        i["completion_tokens"] for i in info
+    )
+
+
+def test_chat_batch_is_one_engine_call_per_expert_set(tiny_config: str) -> None:
+    engine = CountingEngine(tiny_config)
+    chat = ChatFusedLLM.from_engine(engine)
+    messages = chat.batch(["a", "b", "c"], [{}, {"tags": ["task:full"]}, {}])
+    assert sorted(engine.batch_sizes) == [1, 2]
+    assert [routing(m)["experts"] for m in messages] == [
+        ["full", "lora_a", "lora_b"],
+        ["full"],
+        ["full", "lora_a", "lora_b"],
+    ]
+
+
+def test_llm_batch_routes_each_group_by_its_own_tags(tiny_config: str) -> None:
+    engine = CountingEngine(tiny_config)
+    llm = FusedLLM.from_engine(engine)
+    result = llm.batch(["a", "b", "c"], [{"tags": ["task:full"]}, {}, {"tags": ["task:full"]}])
+    assert len(result) == 3
+    assert sorted(engine.batch_sizes) == [1, 2]
+
+
+# -- streaming ----------------------------------------------------------------------------------
+def test_chat_stream_reports_each_token_to_callbacks_and_ends_with_usage(
+    chat: ChatFusedLLM,
+) -> None:
+    recorder = TokenRecorder()
+    chunks = list(chat.stream("the river", config={"callbacks": [recorder]}))
+    assert [c.content for c in chunks] == recorder.tokens
+    assert chunks[-1].chunk_position == "last"
+    assert chunks[-1].usage_metadata["output_tokens"] >= 1
+    assert "".join(c.content for c in chunks) == chat.invoke("the river").content
+
+
+def test_llm_stream_text_equals_invoke_text(llm: FusedLLM) -> None:
+    recorder = TokenRecorder()
+    pieces = list(llm.stream("the king of", config={"callbacks": [recorder]}))
+    assert pieces == recorder.tokens
+    assert "".join(pieces) == llm.invoke("the king of")
+
+
+def test_llm_invoke_streams_to_callbacks_when_streaming(tiny_config: str) -> None:
+    recorder = TokenRecorder()
+    text = FusedLLM(config_path=tiny_config, streaming=True).invoke(
+        "the king of", config={"callbacks": [recorder]}
+    )
+    assert recorder.tokens and "".join(recorder.tokens) == text
+
+
+def test_stop_string_cuts_the_output(llm: FusedLLM) -> None:
+    full = llm.invoke("the city of")
+    stop = full[2:4]
+    assert stop and llm.invoke("the city of", stop=[stop]) == full[: full.index(stop)]
+
+
+# -- async --------------------------------------------------------------------------------------
+async def test_ainvoke_leaves_the_event_loop_free(chat: ChatFusedLLM) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    ticks_before = ticks
+    message = await chat.ainvoke("the city of")
+    task.cancel()
+    assert isinstance(message, AIMessage)
+    assert ticks > ticks_before + 1  # the loop kept running while the engine decoded
+
+
+async def test_concurrent_ainvokes_all_complete(chat: ChatFusedLLM) -> None:
+    first, second = await asyncio.gather(chat.ainvoke("the city"), chat.ainvoke("the river"))
+    assert first.usage_metadata and second.usage_metadata
+
+
+async def test_astream_and_astream_events_yield_tokens(chat: ChatFusedLLM, llm: FusedLLM) -> None:
+    chunks = [c async for c in chat.astream("the king")]
+    assert chunks[-1].chunk_position == "last"
+    events = [e async for e in chat.astream_events("the king", version="v2")]
+    streamed = [e["data"]["chunk"].content for e in events if e["event"] == "on_chat_model_stream"]
+    assert "".join(streamed) == "".join(c.content for c in chunks)
+    llm_events = [e async for e in llm.astream_events("the king", version="v2")]
+    assert any(e["event"] == "on_llm_stream" for e in llm_events)
+
+
+async def test_abatch_returns_one_message_per_input(chat: ChatFusedLLM) -> None:
+    messages = await chat.abatch(["a", "b"])
+    assert len(messages) == 2 and all(isinstance(m, AIMessage) for m in messages)
+
+
+# -- routing ------------------------------------------------------------------------------------
+def test_bind_task_and_tasks_select_experts(chat: ChatFusedLLM) -> None:
+    assert routing(chat.bind(task="full").invoke("x"))["experts"] == ["full"]
+    assert routing(chat.bind(tasks=["lora_a", "full"]).invoke("x"))["experts"] == [
+        "lora_a",
+        "full",
+    ]
+
+
+def test_metadata_and_tags_select_experts(chat: ChatFusedLLM) -> None:
+    by_metadata = chat.with_config(metadata={"fusion_tasks": ["lora_a"]}).invoke("x")
+    assert routing(by_metadata) | {"reason": None} == {
+        "experts": ["lora_a"],
+        "source": "metadata",
+        "route": ["lora_a"],
+        "scores": {},
+        "reason": None,
+    }
+    assert routing(chat.with_config(tags=["task:lora_b"]).invoke("x"))["experts"] == ["lora_b"]
+
+
+def test_precedence_call_over_metadata_over_tags(chat: ChatFusedLLM) -> None:
+    tagged = chat.with_config(tags=["task:lora_b"], metadata={"fusion_tasks": "lora_a"})
+    assert routing(tagged.invoke("x"))["experts"] == ["lora_a"]
+    assert routing(tagged.bind(task="full").invoke("x"))["experts"] == ["full"]
+
+
+def test_outer_metadata_overrides_the_step_metadata(chat: ChatFusedLLM) -> None:
+    step = chat.with_config(metadata={"fusion_tasks": ["full"]})
+    chain = step | StrOutputParser()
+    assert chain.invoke("x")  # routed by the step's own metadata
+    message = step.invoke("x", config={"metadata": {"fusion_tasks": ["lora_a"]}})
+    assert routing(message)["experts"] == ["lora_a"]
+
+
+def test_route_none_runs_the_large_model_alone(tiny_config: str) -> None:
+    message = ChatFusedLLM(config_path=tiny_config, route="none").invoke("x")
+    assert message.response_metadata["experts"] == []
+    assert message.response_metadata["fusion_mode"] == "none"
+
+
+def test_auto_route_reports_gains_of_every_expert(tiny_config: str) -> None:
+    message = ChatFusedLLM(config_path=tiny_config).bind(task="auto").invoke("the city of Paris")
+    decision = routing(message)
+    assert set(decision["scores"]) == {"full", "lora_a", "lora_b"}
+    assert decision["experts"] == [n for n in decision["experts"] if decision["scores"][n] > 0]
+
+
+def test_unknown_task_is_an_actionable_error(chat: ChatFusedLLM) -> None:
+    with pytest.raises(UnknownExpertError, match="a task is named after its expert"):
+        chat.bind(task="poetry").invoke("x")
+
+
+# -- construction, configuration and cache keys -------------------------------------------------
+def test_models_from_the_same_config_share_one_engine(tiny_config: str) -> None:
+    assert ChatFusedLLM(config_path=tiny_config).engine is FusedLLM.from_config(tiny_config).engine
+    assert ChatFusedLLM(config_path=tiny_config).engine is shared_engine(tiny_config)
+
+
+def test_construction_without_engine_or_config_fails_clearly() -> None:
+    with pytest.raises(ValueError, match="engine=.*config_path="):
+        ChatFusedLLM()
+
+
+def test_configurable_fields_keep_the_engine(tiny_config: str) -> None:
+    chat = ChatFusedLLM.from_engine(FusionEngine(tiny_config))  # no config_path to rebuild from
+    configurable = chat.configurable_fields(
+        temperature=ConfigurableField(id="temperature"), route=ConfigurableField(id="route")
+    )
+    message = configurable.with_config(configurable={"temperature": 0.7, "route": ["full"]}).invoke(
+        "x"
+    )
+    assert routing(message)["experts"] == ["full"]
+
+
+def test_cache_key_differs_when_experts_differ(tiny_config: str) -> None:
+    chat = ChatFusedLLM(config_path=tiny_config)
+    assert chat._get_llm_string(task="full") != chat._get_llm_string(task="lora_a")
+    routed = [ChatFusedLLM(config_path=tiny_config, route=[name]) for name in ("full", "lora_a")]
+    assert routed[0]._get_llm_string() != routed[1]._get_llm_string()
+    assert "large" in FusedLLM(config_path=tiny_config)._identifying_params
+
+
+def test_engine_is_kept_out_of_repr_and_serialisation(chat: ChatFusedLLM) -> None:
+    assert "FusionEngine" not in repr(chat)
+    assert "engine" not in chat.model_dump()
+
+
+# -- tools and structured output ----------------------------------------------------------------
+def test_bind_tools_without_tool_template_is_not_implemented(chat: ChatFusedLLM) -> None:
+    with pytest.raises(NotImplementedError, match="ReAct"):
+        chat.bind_tools([])
+
+
+class Answer(BaseModel):
+    value: int
+
+
+def test_structured_output_validates_the_reply_against_the_schema() -> None:
+    replies = iter([AIMessage('{"value": 7}'), AIMessage("not json")])
+    model = GenericFakeChatModel(messages=replies)
+    assert structured_output(model, Answer, include_raw=False).invoke("x") == Answer(value=7)
+    raw = structured_output(model, Answer, include_raw=True).invoke("x")
+    assert raw["parsed"] is None and raw["parsing_error"] is not None
+
+
+def test_structured_output_over_the_fused_model_reports_raw_and_errors(
+    chat: ChatFusedLLM,
+) -> None:
+    result = chat.with_structured_output(Answer, include_raw=True).invoke("give a number")
+    assert isinstance(result["raw"], AIMessage)
+    assert (result["parsed"] is None) != (result["parsing_error"] is None)
