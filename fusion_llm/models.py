@@ -142,6 +142,15 @@ def context_window(model: PreTrainedModel) -> int | None:
     return None
 
 
+def _has_tokenizer(spec: ModelSpec) -> bool:
+    """False for a local checkpoint saved without tokenizer files: it then reads the small base's."""
+    folder = Path(spec.path)
+    if spec.tokenizer or not folder.is_dir():
+        return True
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return any((folder / name).is_file() for name in names)
+
+
 def is_lora_adapter(spec: ExpertSpec) -> bool:
     if spec.kind != "auto":
         return spec.kind == "lora"
@@ -154,7 +163,7 @@ def load_models(config: FusionConfig) -> ModelSet:
     small = load_model(config.small, "small base")
     lora_specs = [e for e in config.experts if is_lora_adapter(e)]
     full_experts = {
-        e.name: load_model(e, f"expert {e.name!r}")
+        e.name: load_model(e, f"expert {e.name!r}", None if _has_tokenizer(e) else small.tokenizer)
         for e in config.experts
         if not is_lora_adapter(e)
     }

@@ -161,3 +161,17 @@ def build_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
         adapter = get_peft_model(_llama(tokenizer, hidden=32, layers=2, seed=seed + 1), config)
         adapter.save_pretrained(paths[name])
     return paths
+
+
+def family_config(
+    paths: dict[str, Path], experts: tuple[str, ...] = ("lora_a", "lora_b", "full"), **sections
+) -> dict:
+    """An engine config dict over a built family; `sections` replace top-level config sections."""
+    config = {
+        "large": {"path": str(paths["large"])},
+        "small": {"path": str(paths["small"])},
+        "experts": [{"name": name, "path": str(paths[name])} for name in experts],
+        "generation": {"max_new_tokens": 8},
+    }
+    config.update(sections)
+    return config

@@ -1,0 +1,55 @@
+"""The `fusion-llm` command: generate from a config file; user errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fusion_llm.cli import main
+from fusion_llm.tiny import family_config
+
+
+@pytest.fixture(scope="module")
+def config_file(tiny_family, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "fusion.yaml"
+    path.write_text(yaml.safe_dump(family_config(tiny_family, experts=("lora_a", "full"))))
+    return path
+
+
+def test_generate_prints_json_with_the_alpha_trace(config_file, capsys):
+    code = main(["generate", "--config", str(config_file), "the king", "a river",
+                 "--max-new-tokens", "3", "--experts", "lora_a", "--json", "--trace"])  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and len(lines) == 2
+    assert all(r["completion_tokens"] == 3 and len(r["alpha"]) == 3 for r in lines)
+    assert lines[0]["experts"] == ["lora_a"] and lines[0]["mode"] == "dynamic"
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--experts", "nobody"], "unknown expert"),
+        (["--max-new-tokens", "-1"], "max_new_tokens"),
+        (["--temperature", "-2"], "temperature"),
+    ],
+)
+def test_bad_requests_exit_2_with_one_line(config_file, capsys, args, match):
+    code = main(["generate", "--config", str(config_file), "the king", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and err.count("\n") == 1
+
+
+def test_a_bad_config_file_exits_2_from_the_installed_command(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("large: {path: /nowhere}\nsmall: {path: /nowhere}\nfusion: {alpha_min: 3}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "fusion_llm.cli", "generate", "--config", str(bad), "hi"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: invalid config: fusion: Value error, alpha_min")
+    assert run.stderr.count("\n") == 1

@@ -1,0 +1,206 @@
+"""The engine on a tiny real model family: cache correctness, batching, stops, LoRA, streaming."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fusion_llm import FusionEngine, FusionPrompt
+from fusion_llm.fusion import fusion_step, make_solver
+from fusion_llm.models import BASE_ADAPTER
+from fusion_llm.tiny import family_config
+
+PROMPTS = ["the king of Rome", "question: what city is on the river Nile and who", "a"]
+
+
+@torch.no_grad()
+def recompute_without_cache(engine, prompt: FusionPrompt, experts, mode, steps):
+    """Reference decoder: every step re-reads the whole sequence in every model, no KV cache."""
+    models = engine.models
+    large_ids = models.large.tokenizer(prompt.large or prompt.text)["input_ids"]
+    small_ids = models.small.tokenizer(prompt.small or prompt.text)["input_ids"]
+    solver = make_solver(mode, torch.ones(len(experts)))
+    tokens, alphas = [], []
+    for _ in range(steps):
+
+        def last_logits(model, ids, **kw):
+            return model(torch.tensor([ids + tokens]), **kw).logits[:, -1]
+
+        large = last_logits(models.large.model, large_ids)
+        small = last_logits(models.small.model, small_ids, adapter_names=[BASE_ADAPTER])
+        expert = torch.stack(
+            [
+                last_logits(models.full_experts[e].model, small_ids)
+                if e in models.full_experts
+                else last_logits(models.small.model, small_ids, adapter_names=[e])
+                for e in experts
+            ],
+            dim=1,
+        )
+        step = fusion_step(
+            large, small, expert, torch.ones(1, len(experts), dtype=torch.bool), solver
+        )
+        tokens.append(int(step.logits.argmax(-1)))
+        alphas.append(step.alpha[0].tolist())
+    return tokens, alphas
+
+
+@pytest.mark.parametrize("mode", ["static", "paper", "dynamic"])
+def test_kv_cached_decoding_equals_a_full_recompute(engine, mode):
+    prompt = FusionPrompt("question: what city", large="the king of Rome. question: what city")
+    generation = engine.generate(prompt, mode=mode, max_new_tokens=6)[0]
+    tokens, alphas = recompute_without_cache(
+        engine, prompt, engine.expert_names, mode, len(generation.token_ids)
+    )
+    assert generation.token_ids == tokens
+    torch.testing.assert_close(
+        torch.tensor(generation.alpha), torch.tensor(alphas), atol=2e-3, rtol=0
+    )
+
+
+def test_alpha_zero_is_the_large_model_alone_and_matches_model_generate(tiny_family):
+    config = family_config(tiny_family, fusion={"mode": "static"})
+    config["experts"] = [dict(e, alpha=0.0) for e in config["experts"]]
+    engine = FusionEngine(config)
+    fused = engine.generate(PROMPTS, max_new_tokens=8)
+    alone = engine.generate(PROMPTS, max_new_tokens=8, mode="none")
+    large = engine.models.large
+    for prompt, a, b in zip(PROMPTS, fused, alone, strict=True):
+        assert a.token_ids == b.token_ids
+        ids = torch.tensor([large.tokenizer(prompt)["input_ids"]])
+        reference = large.model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+        assert a.token_ids == reference.tolist()[: len(a.token_ids)]
+
+
+@pytest.mark.parametrize("mode", ["none", "paper", "dynamic"])
+def test_a_batch_gives_what_each_prompt_gives_alone(engine, mode):
+    batched = engine.generate(PROMPTS, mode=mode, max_new_tokens=7)
+    for prompt, together in zip(PROMPTS, batched, strict=True):
+        alone = engine.generate(prompt, mode=mode, max_new_tokens=7)[0]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+        torch.testing.assert_close(
+            torch.tensor(together.alpha), torch.tensor(alone.alpha), atol=2e-3, rtol=0
+        )
+
+
+def test_a_stop_string_across_a_token_boundary_cuts_the_text_and_ends_the_row(engine):
+    tokenizer = engine.tokenizer
+    full = engine.generate(PROMPTS[0], max_new_tokens=16)[0]
+    # A boundary between two tokens that decode to plain ASCII (random weights emit stray bytes too).
+    boundary = next(
+        len(prefix)
+        for i in range(1, len(full.token_ids) - 1)
+        if (prefix := tokenizer.decode(full.token_ids[:i]))
+        and full.text.startswith(prefix)
+        and full.text[len(prefix) - 1 : len(prefix) + 1].isascii()
+        and full.text[len(prefix) - 1 : len(prefix) + 1].isprintable()
+    )
+    stop = full.text[boundary - 1 : boundary + 1]  # last char of one token + first of the next
+    stopped, other = engine.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=16, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.find(stop)]
+    assert len(stopped.token_ids) < len(full.token_ids)
+    alone = engine.generate(PROMPTS[1], max_new_tokens=16, stop=[stop])[0]
+    assert other.token_ids == alone.token_ids  # the row that went on is unaffected
+
+
+def test_a_lora_expert_equals_the_same_adapter_merged_into_a_checkpoint(tiny_family, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_family["small"])
+    merged = PeftModel.from_pretrained(base, tiny_family["lora_a"]).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    paths = dict(tiny_family, merged=tmp_path / "merged")
+    as_lora = FusionEngine(family_config(paths, experts=("lora_a",)))
+    as_full = FusionEngine(family_config(paths, experts=("merged",)))
+    for mode in ("static", "dynamic"):
+        a = as_lora.generate(PROMPTS, mode=mode)
+        b = as_full.generate(PROMPTS, mode=mode)
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids
+            torch.testing.assert_close(
+                torch.tensor(x.alpha), torch.tensor(y.alpha), atol=2e-3, rtol=0
+            )
+
+
+def test_streamed_deltas_add_up_to_the_generated_text(engine):
+    chunks = list(engine.stream(PROMPTS[:2], max_new_tokens=8))
+    finals = {c.row: c.generation for c in chunks if c.generation is not None}
+    assert sorted(finals) == [0, 1]
+    for row in (0, 1):
+        assert "".join(c.text for c in chunks if c.row == row) == finals[row].text
+    assert [g.token_ids for g in engine.generate(PROMPTS[:2], max_new_tokens=8)] == [
+        finals[0].token_ids,
+        finals[1].token_ids,
+    ]
+
+
+def test_closing_a_stream_early_frees_the_engine(engine):
+    stream = engine.stream(PROMPTS[0], max_new_tokens=50)
+    next(stream)
+    stream.close()
+    assert engine.generate(PROMPTS[2], max_new_tokens=2)[0].completion_tokens == 2
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    runs = [
+        engine.generate(
+            PROMPTS[0], temperature=1.5, top_p=0.9, top_k=50, seed=s, max_new_tokens=10
+        )[0]
+        for s in (1, 1, 2)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].token_ids != runs[2].token_ids
+
+
+def test_generation_reports_usage_finish_reason_and_alpha_trace(engine):
+    result = engine.generate(PROMPTS[0], experts=["lora_b", "full"], max_new_tokens=5)[0]
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 5 == len(result.alpha)
+    assert result.prompt_tokens == len(engine.tokenizer(PROMPTS[0])["input_ids"])
+    assert result.experts == ["lora_b", "full"] and all(len(a) == 2 for a in result.alpha)
+    assert set(result.alpha_summary()) == {"lora_b", "full"}
+
+
+def test_the_large_model_alone_runs_no_small_model(engine):
+    calls = []
+    hook = engine.models.small.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        engine.generate(PROMPTS[0], experts=[], max_new_tokens=3)
+        engine.generate(PROMPTS[0], mode="none", max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_concurrent_callers_get_the_results_of_sequential_calls(engine):
+    expected = [engine.generate(p, max_new_tokens=6)[0].token_ids for p in PROMPTS]
+    results = {}
+
+    def call(i):
+        results[i] = engine.generate(PROMPTS[i], max_new_tokens=6)[0].token_ids
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(PROMPTS))] == expected
+
+
+def test_models_load_lazily_and_once(tiny_family):
+    engine = FusionEngine(family_config(tiny_family))
+    assert not engine.loaded
+    engine.generate("a", max_new_tokens=1)
+    models = engine.models
+    engine.generate("a", max_new_tokens=1)
+    assert engine.loaded and engine.models is models
+
+
+def test_chat_messages_are_rendered_with_each_models_template(engine):
+    prompt = engine.render_chat([{"role": "user", "content": "hi"}])
+    assert prompt.large.endswith("assistant:") and "user: hi" in prompt.small
+    assert engine.generate(prompt, max_new_tokens=3)[0].completion_tokens == 3

@@ -1,0 +1,146 @@
+"""Bad configurations and bad requests get typed errors that say what to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fusion_llm import (
+    AdapterMismatchError,
+    ContextWindowError,
+    DeviceError,
+    FusionEngine,
+    ModelLoadError,
+    ModelNotFoundError,
+    RequestError,
+    UnknownExpertError,
+    VocabularyMismatchError,
+)
+from fusion_llm.tiny import family_config
+
+
+def tiny_llama(vocab_size, hidden=32):
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def other_tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"])
+    tok.train_from_iterator(["zebra quartz jumps over lazy vixens"] * 50, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def test_a_missing_model_path_is_a_typed_error(tiny_family, tmp_path):
+    config = family_config(tiny_family)
+    config["large"] = {"path": str(tmp_path / "nowhere")}
+    with pytest.raises(ModelNotFoundError, match="nowhere"):
+        FusionEngine(config).load()
+
+
+def test_an_expert_with_another_vocabulary_names_both_models_and_the_first_difference(
+    tiny_family, tmp_path
+):
+    tokenizer = other_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(tmp_path / "alien")
+    tokenizer.save_pretrained(tmp_path / "alien")
+    paths = dict(tiny_family, alien=tmp_path / "alien")
+    with pytest.raises(VocabularyMismatchError, match=r"large base .*expert 'alien'.*id \d+ is"):
+        FusionEngine(family_config(paths, experts=("alien",))).load()
+
+
+def test_extra_trailing_special_tokens_are_fused_on_the_common_prefix(tiny_family, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family["small"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra_pad>"]})
+    model = LlamaForCausalLM.from_pretrained(tiny_family["full"])
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    engine = FusionEngine(
+        family_config(dict(tiny_family, padded=tmp_path / "padded"), experts=("padded",))
+    )
+    assert engine.models.vocab_size == len(AutoTokenizer.from_pretrained(tiny_family["large"]))
+    assert engine.generate("the king", max_new_tokens=3)[0].completion_tokens == 3
+
+
+def test_a_lora_adapter_trained_on_another_base_is_rejected(tiny_family, tmp_path):
+    vocab = LlamaConfig.from_pretrained(tiny_family["small"]).vocab_size
+    adapter = get_peft_model(
+        tiny_llama(vocab, hidden=48), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    adapter.save_pretrained(tmp_path / "wide_lora")
+    paths = dict(tiny_family, wide=tmp_path / "wide_lora")
+    with pytest.raises(AdapterMismatchError, match="does not fit the small base"):
+        FusionEngine(family_config(paths, experts=("wide",))).load()
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_family, tmp_path):
+    model = LlamaForCausalLM.from_pretrained(tiny_family["large"])
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    config = family_config(tiny_family, experts=())
+    config["large"] = {"path": str(tmp_path / "pickled"), "tokenizer": str(tiny_family["large"])}
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        FusionEngine(config).load()
+    config["large"]["allow_pickle"] = True
+    assert FusionEngine(config).generate("a", max_new_tokens=1)[0].completion_tokens == 1
+
+
+def test_an_unavailable_accelerator_is_a_device_error(tiny_family):
+    missing = [
+        d
+        for d, ok in (
+            ("cuda", torch.cuda.is_available()),
+            ("mps", torch.backends.mps.is_available()),
+        )
+        if not ok
+    ]
+    assert missing, "this machine has every accelerator: nothing to check"
+    config = family_config(tiny_family)
+    config["small"] = {"path": config["small"]["path"], "device": missing[0]}
+    with pytest.raises(DeviceError, match="not available"):
+        FusionEngine(config).load()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "error", "match"),
+    [
+        ([], {}, RequestError, "no prompts"),
+        ("   ", {}, RequestError, "empty or whitespace"),
+        (["ok", ""], {}, RequestError, "prompt 1"),
+        ([42], {}, RequestError, "must be a string"),
+        (7, {}, RequestError, "must be a string"),
+        ("ok", {"experts": ["lawyer"]}, UnknownExpertError, "lawyer.*configured experts: lora_a"),
+        ("ok", {"mode": "magic"}, RequestError, "unknown fusion mode"),
+        ("ok", {"max_new_tokens": 0}, RequestError, "max_new_tokens"),
+        ("ok", {"temperature": -1.0}, RequestError, "temperature"),
+        ("ok", {"top_p": 0.0}, RequestError, "top_p"),
+        ("ok", {"top_p": 1.5}, RequestError, "top_p"),
+        ("ok", {"top_p": float("nan")}, RequestError, "top_p"),
+        ("ok", {"stop": ["", "x"]}, RequestError, "non-empty"),
+        ("ok", {"max_new_tokens": 500}, ContextWindowError, "context window of 256"),
+        ("the king " * 200, {}, ContextWindowError, "truncate_prompt"),
+    ],
+)
+def test_bad_requests_raise_typed_errors_and_leave_the_engine_usable(
+    engine, prompts, kwargs, error, match
+):
+    with pytest.raises(error, match=match):
+        engine.generate(prompts, **kwargs)
+    assert engine.generate("the king", max_new_tokens=2)[0].completion_tokens == 2
+
+
+def test_a_long_prompt_can_be_truncated_on_the_left_instead(engine):
+    long_prompt = "the king " * 200
+    result = engine.generate(long_prompt, max_new_tokens=4, truncate_prompt=True)[0]
+    assert result.prompt_tokens == 256 - 4 and result.completion_tokens == 4
