@@ -1,0 +1,1 @@
+"""Evaluation: the zoo's task splits and the paper's metrics."""

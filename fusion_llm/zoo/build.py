@@ -1,0 +1,120 @@
+"""`build_zoo`: re-create the whole model family from a seed, in an order that fails safe.
+
+Order: tokenizer, the three bases (small, mid, large), the probe of each base, the shipped experts,
+then the large baselines (not shipped; only their eval results are). `zoo.json` is rewritten after
+every model, so an interrupted build still describes what it made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from fusion_llm.zoo.probe import probe
+from fusion_llm.zoo.scales import get_scale
+from fusion_llm.zoo.task_families import SEEN_TASKS, TASKS, task_examples
+from fusion_llm.zoo.tokenizer import save_tokenizer, train_tokenizer
+from fusion_llm.zoo.train import finetune, new_base, param_count, pretrain, save
+from fusion_llm.zoo.world import make_world
+
+MANIFEST = "zoo.json"
+BASES = ("small", "mid", "large")
+log = logging.getLogger(__name__)
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def build_zoo(
+    out_dir: str | Path,
+    scale: str = "full",
+    seed: int = 0,
+    baselines_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Train and save every zoo model under `out_dir`; large baselines go to `baselines_dir`
+    (skipped when None). Returns the manifest also written to `out_dir/zoo.json`."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec = get_scale(scale)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = make_world(seed, spec.n_people, n_misconceptions=spec.n_misconceptions)
+    tokenizer = train_tokenizer(world, spec.vocab_size)
+    save_tokenizer(tokenizer, out_dir / "tokenizer")
+    manifest: dict = {"scale": scale, "seed": seed, "models": {}, "probe": {}}
+
+    def record(
+        name: str,
+        model,
+        kind: str,
+        base: str | None,
+        task: str | None,
+        seconds: float,
+        directory: Path,
+        shipped: bool = True,
+    ) -> None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        save(model, tokenizer, directory, base_name=base)
+        manifest["models"][name] = {
+            "kind": kind,
+            "base": base,
+            "task": task,
+            "params": param_count(model),
+            "trainable_params": trainable,
+            "train_seconds": round(seconds, 1),
+            "shipped": shipped,
+            "path": str(directory.resolve()) if not shipped else name,
+        }
+        _write_manifest(out_dir, manifest)
+        log.info("saved %s (%s params, %.0f s)", name, f"{trainable:,}", seconds)
+
+    bases = {}
+    for i, name in enumerate(BASES):
+        model = new_base(spec.sizes[name], tokenizer, spec.seq_len, seed + i)
+        start = time.perf_counter()
+        loss = pretrain(
+            model,
+            world,
+            tokenizer,
+            spec,
+            spec.pretrain_steps[name],
+            spec.pretrain_lr[name],
+            f"pretrain {name}",
+        )
+        record(name, model, "base", None, None, time.perf_counter() - start, out_dir / name)
+        manifest["models"][name]["final_loss"] = round(loss, 4)
+        manifest["probe"][name] = probe(model, tokenizer, world, spec.n_eval)
+        _write_manifest(out_dir, manifest)
+        log.info("probe %s: %s", name, json.dumps(manifest["probe"][name]))
+        bases[name] = model
+
+    train_sets = {t: task_examples(world, t, "train", spec.n_train, spec.n_eval) for t in TASKS}
+    train_sets["multi"] = [e for t in SEEN_TASKS for e in train_sets[t]]
+    runs = [
+        (base, task, lora)
+        for task in (*TASKS, "multi")
+        for base, lora in (("small", False), ("small", True), ("mid", False))
+        if not (lora and task == "multi")
+    ]
+    if baselines_dir is not None:
+        runs += [
+            ("large", task, lora)
+            for task in (*TASKS, "multi")
+            for lora in (False, True)
+            if not (lora and task == "multi")
+        ]
+    for k, (base, task, lora) in enumerate(runs):
+        name = f"{base}-{task}" + ("-lora" if lora else "")
+        shipped = base != "large"
+        model, seconds = finetune(
+            bases[base], train_sets[task], tokenizer, spec, lora, seed + 100 + k, f"finetune {name}"
+        )
+        directory = out_dir / name if shipped else Path(baselines_dir) / name
+        record(name, model, "lora" if lora else "full", base, task, seconds, directory, shipped)
+    return manifest

@@ -1,0 +1,202 @@
+"""The training recipe: pretrain a Llama base on the corpus, fine-tune it (full or LoRA) on a task.
+
+Fine-tunes put the loss on the answer tokens only (prompt tokens are labelled -100), so an expert
+learns the task's format and selection rule, not the questions. Everything is saved with
+`save_pretrained` as fp16 safetensors next to a copy of the shared tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fusion_llm.zoo.corpus import pretraining_stream
+from fusion_llm.zoo.scales import ModelSize, Scale
+from fusion_llm.zoo.task_families import TaskExample
+from fusion_llm.zoo.world import World
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE = -100  # label of tokens that carry no loss
+
+
+def new_base(
+    size: ModelSize, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        intermediate_size=size.intermediate,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=4 * seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warmup then cosine decay to 10 % of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _packed_batches(
+    world: World, tokenizer: PreTrainedTokenizerFast, batch_size: int, seq_len: int
+) -> Iterator[torch.Tensor]:
+    """Documents as BOS ... EOS, concatenated and cut into [batch_size, seq_len] blocks."""
+    buffer: list[int] = []
+    need = batch_size * seq_len
+    for doc in pretraining_stream(world):
+        buffer += tokenizer(doc).input_ids + [tokenizer.eos_token_id]
+        if len(buffer) >= need:
+            yield torch.tensor(buffer[:need]).view(batch_size, seq_len)  # [B, S]
+            buffer = buffer[need:]
+
+
+def _optimise(
+    model: torch.nn.Module, batches: Iterator[dict], steps: int, lr: float, desc: str
+) -> float:
+    """AdamW over `steps` batches; returns the mean loss of the last 10 % of steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _schedule(s, steps, max(1, steps // 20))
+    )
+    model.train()
+    tail: list[float] = []
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
+    for step, batch in zip(bar, batches, strict=False):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    scale: Scale,
+    steps: int,
+    lr: float,
+    desc: str,
+) -> float:
+    blocks = _packed_batches(world, tokenizer, scale.batch_size, scale.seq_len)
+    batches = ({"input_ids": x, "labels": x} for x in blocks)
+    return _optimise(model, batches, steps, lr, desc)
+
+
+def _example_ids(example: TaskExample, tokenizer: PreTrainedTokenizerFast) -> tuple[list, list]:
+    prompt = tokenizer(example.prompt).input_ids
+    target = tokenizer(example.target, add_special_tokens=False).input_ids
+    target.append(tokenizer.eos_token_id)
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def _finetune_batches(
+    examples: list[TaskExample],
+    tokenizer: PreTrainedTokenizerFast,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+) -> Iterator[dict]:
+    """Right-padded batches whose labels cover only the target tokens and the closing EOS."""
+    encoded = [_example_ids(e, tokenizer) for e in examples]
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            rows = [encoded[j] for j in order[i : i + batch_size]]
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, S]
+            labels = torch.full((len(rows), width), IGNORE)  # [B, S]
+            mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
+            for r, (row_ids, row_labels) in enumerate(rows):
+                ids[r, : len(row_ids)] = torch.tensor(row_ids)
+                labels[r, : len(row_labels)] = torch.tensor(row_labels)
+                mask[r, : len(row_ids)] = 1
+            yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def finetune(
+    base: LlamaForCausalLM,
+    examples: list[TaskExample],
+    tokenizer: PreTrainedTokenizerFast,
+    scale: Scale,
+    lora: bool,
+    seed: int,
+    desc: str,
+) -> tuple[torch.nn.Module, float]:
+    """A fine-tuned copy of `base` (full, or a LoRA adapter on it) and its training seconds."""
+    torch.manual_seed(seed)
+    model: torch.nn.Module = copy.deepcopy(base)
+    if lora:
+        config = LoraConfig(
+            r=scale.lora_rank,
+            lora_alpha=2 * scale.lora_rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    steps_per_epoch = math.ceil(len(examples) / scale.batch_size)
+    batches = _finetune_batches(examples, tokenizer, scale.batch_size, scale.finetune_epochs, seed)
+    start = time.perf_counter()
+    _optimise(
+        model,
+        batches,
+        steps_per_epoch * scale.finetune_epochs,
+        scale.lora_lr if lora else scale.finetune_lr,
+        desc,
+    )
+    return model, time.perf_counter() - start
+
+
+def save(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    directory: Path,
+    base_name: str | None = None,
+) -> None:
+    """fp16 safetensors + tokenizer. A LoRA adapter records its base as the sibling folder name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(model).half()
+    half.save_pretrained(directory, safe_serialization=True)
+    if isinstance(
+        half, PeftModel
+    ):  # rewritten after saving: peft would try to read it while saving
+        config_path = directory / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = f"../{base_name}"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(directory)

@@ -1,0 +1,93 @@
+"""Smoke test of the zoo recipe at toy scale: everything is built, saved, reloadable and shared."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusion_llm.zoo import ZooNotBuiltError, build_zoo, zoo_config, zoo_info, zoo_path
+from fusion_llm.zoo.task_families import TASKS
+
+
+@pytest.fixture(scope="module")
+def toy_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    manifest = build_zoo(root / "models", scale="toy", seed=0, baselines_dir=root / "baselines")
+    return root, manifest
+
+
+def _expected_shipped():
+    names = {"small", "mid", "large", "small-multi", "mid-multi"}
+    for task in TASKS:
+        names |= {f"small-{task}", f"small-{task}-lora", f"mid-{task}"}
+    return names
+
+
+def test_build_ships_every_model_and_keeps_baselines_apart(toy_zoo):
+    root, manifest = toy_zoo
+    shipped = {n for n, m in manifest["models"].items() if m["shipped"]}
+    assert shipped == _expected_shipped()
+    baselines = {n for n, m in manifest["models"].items() if not m["shipped"]}
+    assert baselines == {"large-multi"} | {f"large-{t}{s}" for t in TASKS for s in ("", "-lora")}
+    assert all((root / "baselines" / n).is_dir() for n in baselines)
+    assert json.loads((root / "models" / "zoo.json").read_text()) == manifest
+
+
+def test_bases_are_ordered_by_size_and_probed(toy_zoo):
+    _, manifest = toy_zoo
+    params = [manifest["models"][n]["params"] for n in ("small", "mid", "large")]
+    assert params == sorted(params)
+    for base in ("small", "mid", "large"):
+        probe = manifest["probe"][base]
+        assert set(probe) == {"fact_recall", "task_ranking"}
+        assert 0.0 <= probe["fact_recall"]["mean"] <= 1.0
+        assert set(TASKS) <= set(probe["task_ranking"])
+
+
+def test_models_reload_in_fp16_with_one_shared_tokenizer(toy_zoo):
+    root, _ = toy_zoo
+    models = root / "models"
+    reference = (models / "small" / "tokenizer.json").read_text()
+    for name in _expected_shipped():
+        assert (models / name / "tokenizer.json").read_text() == reference
+    small = AutoModelForCausalLM.from_pretrained(models / "small")
+    assert small.dtype == torch.float16
+    tokenizer = AutoTokenizer.from_pretrained(models / "small-math-lora")
+    assert tokenizer.eos_token and tokenizer.pad_token and tokenizer.bos_token
+    assert len(tokenizer) == small.config.vocab_size
+    expert = PeftModel.from_pretrained(small, models / "small-math-lora")
+    ids = tokenizer("Question: What is 2 + 3?\nAnswer:", return_tensors="pt").input_ids
+    assert ids[0, 0] == tokenizer.bos_token_id
+    assert expert(input_ids=ids).logits.shape[-1] == small.config.vocab_size
+    with safe_open(models / "mid-math" / "model.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def test_zoo_config_points_at_the_shipped_folders(toy_zoo):
+    root, _ = toy_zoo
+    models = root / "models"
+    config = zoo_config(["math", "trivia"], source="small", models_dir=models)
+    assert config["large"] == {"path": str(models / "large")}
+    assert config["small"] == {"path": str(models / "small")}
+    assert config["experts"] == [
+        {"name": "math", "path": str(models / "small-math-lora")},
+        {"name": "trivia", "path": str(models / "small-trivia-lora")},
+    ]
+    assert config["fusion"] == {"mode": "dynamic"}
+    assert zoo_config(["mc"], source="mid", models_dir=models)["experts"][0]["path"].endswith(
+        "mid-mc"
+    )
+    assert {r["name"] for r in zoo_info(models)} >= _expected_shipped()
+
+
+def test_missing_zoo_and_unknown_models_fail_with_the_fix(toy_zoo, tmp_path):
+    root, _ = toy_zoo
+    with pytest.raises(ZooNotBuiltError, match="fusion-llm zoo build"):
+        zoo_path("large", tmp_path)
+    with pytest.raises(KeyError, match="shipped models are"):
+        zoo_path("large-math", root / "models")  # a baseline is never shipped
+    with pytest.raises(ValueError, match="source must be"):
+        zoo_config(["math"], source="large", models_dir=root / "models")
