@@ -11,13 +11,14 @@ from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import ConfigurableField
+from langchain_fusion_llm import ChatFusedLLM, FusedLLM
+from langchain_fusion_llm.structured import structured_output
 from pydantic import BaseModel
-from tiny_family import MAX_NEW_TOKENS, tiny_config  # noqa: F401
 
 from fusion_llm import FusionEngine, UnknownExpertError
 from fusion_llm.client import shared_engine
-from langchain_fusion_llm import ChatFusedLLM, FusedLLM
-from langchain_fusion_llm.structured import structured_output
+
+pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
 
 
 class CountingEngine(FusionEngine):
@@ -58,7 +59,7 @@ def routing(message: AIMessage) -> dict[str, Any]:
 def test_chat_invoke_reports_usage_finish_reason_experts_and_alpha(chat: ChatFusedLLM) -> None:
     message = chat.invoke([SystemMessage("be brief"), HumanMessage("the city of")])
     usage = message.usage_metadata
-    assert usage["output_tokens"] <= MAX_NEW_TOKENS
+    assert usage["output_tokens"] <= chat.engine.config.generation.max_new_tokens
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     meta = message.response_metadata
     assert meta["finish_reason"] in {"eos", "length", "stop"}

@@ -1,6 +1,6 @@
 """Session fixture: the tiny real model family (random weights) and a fusion config over it.
 
-Import the fixture into a test module with `from tiny_family import tiny_config  # noqa: F401`.
+Use it from a test module with `pytest_plugins = ["tiny_family"]`.
 Generation defaults stay short (8 new tokens) so that suites over the family run quickly.
 """
 

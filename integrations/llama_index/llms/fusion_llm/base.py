@@ -1,0 +1,253 @@
+"""`FusedLLM`: a LlamaIndex LLM over a fusion engine (no fusion logic here).
+
+Routing for one call (first present wins, see `fusion_llm.router`):
+    1. call keywords: `llm.complete(prompt, tasks=["math"])`, `experts=[...]` or `task="math"`;
+    2. instrument tags: `with instrument_tags({"fusion_tasks": ["math"]}): query_engine.query(q)`
+       (the way to route through a query engine, which passes no keywords to the LLM);
+    3. the `route` field: "all" (default), "none", "auto" or task names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.instrumentation.dispatcher import active_instrument_tags
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from pydantic import BaseModel, Field, model_validator
+
+from fusion_llm import FusionEngine, FusionPrompt
+from fusion_llm.client import (
+    FusionClient,
+    RoutedGeneration,
+    chat_message,
+    iterate_in_thread,
+    shared_engine,
+)
+from fusion_llm.engine import StreamChunk
+from fusion_llm.router import Route, RoutingDecision, choose_route
+
+ENGINE_KEYWORDS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+
+
+class FusedLLM(CustomLLM):
+    """A large language model decoded with small task experts by dynamic logit fusion.
+
+    >>> llm = FusedLLM(config_path="fusion.yaml")
+    >>> llm.complete("Question: 2 + 3 = ?\\nAnswer:", tasks=["math"]).text
+    """
+
+    engine: FusionEngine | None = Field(default=None, repr=False, exclude=True)
+    """The fusion engine (models load on first use). Built from `config_path` when not given."""
+    config_path: str | None = None
+    """Fusion config file (YAML/TOML/JSON); LLMs built from equal configs share one engine."""
+    route: Route = "all"
+    """Experts when no call keyword or instrument tag names them: "all", "none", "auto" or tasks."""
+    router_threshold: float = 0.0
+    """`auto` routing: minimum log-likelihood gain per prompt token (nats) to activate an expert."""
+    max_experts: int | None = None
+    """`auto` routing: keep at most this many experts per prompt (None: no limit)."""
+    mode: str | None = None
+    """Fusion mode: "dynamic", "paper", "static" or "none" (None: the engine config's)."""
+    max_new_tokens: int | None = None
+    """Maximum number of new tokens, also `metadata.num_output` (None: the engine config's)."""
+    temperature: float | None = None
+    """Sampling temperature; 0 is greedy (None: the engine config's)."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only (None: the engine config's)."""
+    top_p: float | None = None
+    """Nucleus sampling mass (None: the engine config's)."""
+    seed: int | None = None
+    """Sampler seed; same seed, same output (None: the engine config's)."""
+    stop: list[str] | None = None
+    """Stop strings, cut from the output."""
+    context_window: int | None = None
+    """Context window reported to LlamaIndex (None: the large model's)."""
+
+    @model_validator(mode="after")
+    def _attach_engine(self) -> FusedLLM:
+        if self.engine is None:
+            if self.config_path is None:
+                msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
+                raise ValueError(msg)
+            self.engine = shared_engine(self.config_path)
+        return self
+
+    @classmethod
+    def from_engine(cls, engine: FusionEngine, **fields: Any) -> FusedLLM:
+        """An LLM over an existing engine (LangChain models can share it)."""
+        return cls(engine=engine, **fields)
+
+    @classmethod
+    def from_config(cls, config: Any, **fields: Any) -> FusedLLM:
+        """An LLM over the shared engine of `config` (a file path, dict or FusionConfig)."""
+        path = str(config) if isinstance(config, str) else None
+        return cls(engine=shared_engine(config), config_path=path, **fields)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "FusionLLM_FusedLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        engine = self._engine()
+        return LLMMetadata(
+            context_window=self.context_window or engine.context_window or DEFAULT_CONTEXT_WINDOW,
+            num_output=self.max_new_tokens or engine.config.generation.max_new_tokens,
+            is_chat_model=engine.has_chat_template(),
+            model_name=engine.config.large.path,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # BaseModel's state, not BaseComponent's: that one trial-pickles every field (the weights).
+        state = BaseModel.__getstate__(self)
+        state["__dict__"] = {**state["__dict__"], "engine": None}  # rebuilt from config_path
+        return state
+
+    # -- completion ------------------------------------------------------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._complete(self._text_prompt(prompt, formatted), kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        decision, pieces = self._start_stream(self._text_prompt(prompt, formatted), kwargs)
+        return _completions(decision, pieces)
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        return await asyncio.to_thread(self._complete, self._text_prompt(prompt, formatted), kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        fusion_prompt = self._text_prompt(prompt, formatted)
+        decision, pieces = await asyncio.to_thread(self._start_stream, fusion_prompt, kwargs)
+
+        async def completions() -> CompletionResponseAsyncGen:
+            text = ""
+            async for piece in iterate_in_thread(pieces):
+                text += piece.text
+                yield CompletionResponse(text=text, delta=piece.text, raw=_raw(piece, decision))
+
+        return completions()
+
+    # -- chat (each model's chat template) ---------------------------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _chat_response(self._complete(self._chat_prompt(messages), kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        decision, pieces = self._start_stream(self._chat_prompt(messages), kwargs)
+        return (_chat_response(c) for c in _completions(decision, pieces))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        completion = await asyncio.to_thread(self._complete, self._chat_prompt(messages), kwargs)
+        return _chat_response(completion)
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        prompt = self._chat_prompt(messages)
+        decision, pieces = await asyncio.to_thread(self._start_stream, prompt, kwargs)
+
+        async def responses() -> ChatResponseAsyncGen:
+            text = ""
+            async for piece in iterate_in_thread(pieces):
+                text += piece.text
+                completion = CompletionResponse(
+                    text=text, delta=piece.text, raw=_raw(piece, decision)
+                )
+                yield _chat_response(completion)
+
+        return responses()
+
+    # -- the one request path shared by sync, streaming and async calls ----------------------
+    def _text_prompt(self, prompt: str, formatted: bool) -> FusionPrompt:
+        return FusionPrompt(prompt if formatted else self.completion_to_prompt(prompt))
+
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> FusionPrompt:
+        if not self._engine().has_chat_template():
+            return FusionPrompt(self.messages_to_prompt(messages))
+        turns = [chat_message(_role(m), m.content or "") for m in messages]
+        return self._client().chat_prompt(turns)
+
+    def _complete(self, prompt: FusionPrompt, kwargs: dict[str, Any]) -> CompletionResponse:
+        (routed,) = self._client().generate(
+            [prompt], [self._route(kwargs)], **self._overrides(kwargs)
+        )
+        return CompletionResponse(text=routed.generation.text, raw=_info(routed))
+
+    def _start_stream(
+        self, prompt: FusionPrompt, kwargs: dict[str, Any]
+    ) -> tuple[RoutingDecision, Iterator[StreamChunk]]:
+        route, source = self._route(kwargs)
+        return self._client().stream(prompt, route, source, **self._overrides(kwargs))
+
+    def _route(self, kwargs: dict[str, Any]) -> tuple[Route, str]:
+        return choose_route(kwargs, active_instrument_tags.get(), None, self.route)
+
+    def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        params = {key: getattr(self, key) for key in ENGINE_KEYWORDS}
+        params.update((k, v) for k, v in kwargs.items() if k in ENGINE_KEYWORDS)
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _client(self) -> FusionClient:
+        return FusionClient(self._engine(), self.router_threshold, self.max_experts)
+
+    def _engine(self) -> FusionEngine:
+        if self.engine is None:
+            msg = "this FusedLLM has no engine (unpickled without a config_path); pass engine= or config_path="
+            raise ValueError(msg)
+        return self.engine
+
+
+def _role(message: ChatMessage) -> str:
+    return message.role.value if isinstance(message.role, MessageRole) else str(message.role)
+
+
+def _info(routed: RoutedGeneration) -> dict[str, Any]:
+    return {"usage": routed.usage, **routed.info}
+
+
+def _raw(piece: StreamChunk, decision: RoutingDecision) -> dict[str, Any] | None:
+    """Usage and generation info on a stream's last piece, None before it."""
+    return None if piece.generation is None else _info(RoutedGeneration(piece.generation, decision))
+
+
+def _completions(decision: RoutingDecision, pieces: Iterator[StreamChunk]) -> CompletionResponseGen:
+    """Cumulative `text` and the new `delta` per piece; closing early stops the engine."""
+    text = ""
+    try:
+        for piece in pieces:
+            text += piece.text
+            yield CompletionResponse(text=text, delta=piece.text, raw=_raw(piece, decision))
+    finally:
+        pieces.close()
+
+
+def _chat_response(completion: CompletionResponse) -> ChatResponse:
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=completion.text)
+    return ChatResponse(message=message, delta=completion.delta, raw=completion.raw)
