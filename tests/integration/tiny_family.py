@@ -1,31 +1,24 @@
-"""Session fixture: the tiny real model family (random weights) and a fusion config over it.
+"""Session fixture `tiny_config`: a fusion config FILE over the tiny real model family.
 
-Use it from a test module with `pytest_plugins = ["tiny_family"]`.
-Generation defaults stay short (8 new tokens) so that suites over the family run quickly.
+The adapters are built from config files (`config_path=`), so the fixture writes the root
+conftest's tiny family config as YAML. Use it with `pytest_plugins = ["tiny_family"]`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from fusion_llm.tiny import build_family
+from fusion_llm.tiny import family_config
 
 EXPERTS = ("full", "lora_a", "lora_b")
-MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="session")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Path of a YAML fusion config: tiny large + small bases, experts `full`, `lora_a`, `lora_b`."""
-    root = tmp_path_factory.mktemp("tiny_family")
-    paths = build_family(root)
-    config = {
-        "large": {"path": str(paths["large"]), "device": "cpu"},
-        "small": {"path": str(paths["small"]), "device": "cpu"},
-        "experts": [{"name": name, "path": str(paths[name]), "device": "cpu"} for name in EXPERTS],
-        "generation": {"max_new_tokens": MAX_NEW_TOKENS},
-    }
-    path = root / "fusion.yaml"
-    path.write_text(yaml.safe_dump(config))
+def tiny_config(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a YAML config: tiny large + small bases, experts `full`, `lora_a`, `lora_b`, 8 new tokens."""
+    path = tmp_path_factory.mktemp("tiny_config") / "fusion.yaml"
+    path.write_text(yaml.safe_dump(family_config(tiny_family, experts=EXPERTS)))
     return str(path)
