@@ -11,6 +11,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+import transformers
+
 from .engine import FusionEngine, Generation
 from .errors import FusionError
 
@@ -18,6 +20,8 @@ from .errors import FusionError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep stdout for results
+    transformers.utils.logging.set_verbosity_error()
     try:
         return args.run(args)
     except FusionError as err:

@@ -88,7 +88,7 @@ class FusionSpec(_Spec):
     alpha_max: float = Field(2.0, description="Upper bound of alpha for `dynamic` and `paper`.")
     grid_step: float = Field(0.1, gt=0, description="Grid step of the `paper` solver.")
     newton_steps: int = Field(
-        6, ge=1, le=50, description="Safeguarded Newton iterations of the `dynamic` solver."
+        3, ge=1, le=50, description="Safeguarded Newton iterations of the `dynamic` solver."
     )
 
     @model_validator(mode="after")

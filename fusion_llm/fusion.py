@@ -133,8 +133,8 @@ def dynamic_alpha(
     alpha_min: float = 0.0,
     alpha_max: float = 2.0,
     grid_step: float = 0.1,
-    newton_steps: int = 4,
-    joint_steps: int = 4,
+    newton_steps: int = 3,
+    joint_steps: int = 3,
 ) -> Tensor:
     """Continuous minimiser of L over [alpha_min, alpha_max]^T, joint over the active experts.
 
@@ -143,7 +143,7 @@ def dynamic_alpha(
       1. scan every single-expert axis on the grid (the paper's candidates): L is not unimodal in
          general (the curve (KL(P~||P), KL(P||P~)) can pass the target twice), so the scan is what
          makes the result never worse than the paper's;
-      2. safeguarded Newton with analytic derivatives inside the best grid cell of each axis;
+      2. safeguarded (Gauss-)Newton with analytic derivatives inside the best grid cell of each axis;
       3. from the best axis point, Levenberg-Marquardt steps on the two residuals in R^T, each
          accepted only if it lowers L (several experts can match both targets at once).
     """
@@ -195,28 +195,96 @@ def _axis_kls(large_logp: Tensor, centred: Tensor, a: Tensor) -> tuple[Tensor, T
 
 
 def _axis_terms(
-    large_logp: Tensor, centred: Tensor, a: Tensor, mean_forward: Tensor, mean_reverse: Tensor
+    large_logp: Tensor,
+    centred: Tensor,
+    centred_sq: Tensor,
+    a: Tensor,
+    mean_forward: Tensor,
+    mean_reverse: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """h, h', h'' at alpha = a_t * e_t for every expert t ([B, T] each).
+    """h, h' and the Gauss-Newton h'' at alpha = a_t * e_t for every expert t ([B, T] each).
 
-    With x = KL(P~||P) = a K1 - K, y = KL(P||P~) = K (K1, K2, K3: derivatives of K),
+    With K1 = K'(a) = E_P~[d], K2 = K''(a) = Var_P~(d), x = KL(P~||P) = a K1 - K, y = KL(P||P~) = K,
     x' = a K2, y' = K1 and h = (x - mean f)^2 + (y - mean r)^2:
-        h'  = 2 (x - f) a K2 + 2 (y - r) K1
-        h'' = 2 (a K2)^2 + 2 (x - f)(K2 + a K3) + 2 K1^2 + 2 (y - r) K2.
+        h' = 2 (x - f) a K2 + 2 (y - r) K1,    h'' ~ 2 (a K2)^2 + 2 K1^2  (always > 0 off a = 0).
     """
     logits = large_logp[:, None, :] + a[..., None] * centred  # [B, T, V]
-    cgf = torch.logsumexp(logits, dim=-1)  # K
-    weights = torch.exp(logits - cgf[..., None])  # P~ along the axis
-    mean = (weights * centred).sum(-1)  # K1
-    spread = centred - mean[..., None]
-    var = (weights * spread**2).sum(-1)  # K2
-    skew = (weights * spread**3).sum(-1)  # K3
+    top = logits.amax(-1, keepdim=True)
+    unnorm = torch.exp(logits - top)
+    total = unnorm.sum(-1)
+    cgf = top[..., 0] + torch.log(total)  # K
+    mean = (unnorm * centred).sum(-1) / total  # K1
+    var = ((unnorm * centred_sq).sum(-1) / total - mean**2).clamp(min=0)  # K2
     res_x = a * mean - cgf - mean_forward[:, None]
     res_y = cgf - mean_reverse[:, None]
     h = res_x**2 + res_y**2
     dh = 2 * res_x * a * var + 2 * res_y * mean
-    d2h = 2 * (a * var) ** 2 + 2 * res_x * (var + a * skew) + 2 * mean**2 + 2 * res_y * var
+    d2h = 2 * (a * var) ** 2 + 2 * mean**2
     return h, dh, d2h
+
+
+def _grid_argmin(
+    large_logp: Tensor,
+    centred: Tensor,
+    mean_forward: Tensor,
+    mean_reverse: Tensor,
+    grid: Tensor,
+    stride: int = 4,
+) -> Tensor:
+    """Index of the best grid point on every axis ([B, T]) without evaluating the whole grid.
+
+    For a >= 0 both KLs are non-decreasing along an axis, so inside a cell [c_j, c_j+1] the point
+    (x, y) stays in the box [x_j, x_j+1] x [y_j, y_j+1] and h >= LB_j, the squared distance from the
+    target (mean f, mean r) to that box. So: evaluate every `stride`-th grid point, then the grid
+    points inside the two cells of lowest bound; a cell whose bound is still below the best value
+    found is scanned in full (rare). The result is the exact argmin over the grid.
+    """
+    batch, experts = mean_forward.shape[0], centred.shape[1]
+    target_x, target_y = mean_forward[:, None], mean_reverse[:, None]
+
+    def evaluate(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = _axis_kls(large_logp, centred, grid[index])
+        h = (x - target_x) ** 2 + (y - target_y) ** 2
+        return x, y, torch.nan_to_num(h, nan=torch.inf)
+
+    def full_scan() -> Tensor:
+        everywhere = torch.arange(grid.numel(), device=grid.device)
+        h = torch.stack([evaluate(i.expand(batch, experts))[2] for i in everywhere], dim=-1)
+        return h.argmin(dim=-1)
+
+    if grid[0] < 0 or grid.numel() <= 2 * stride:
+        return full_scan()
+    last = grid.numel() - 1
+    coarse = torch.unique(torch.cat([torch.arange(0, last, stride), torch.tensor([last])])).to(
+        grid.device
+    )
+    xs, ys, hs = (
+        torch.stack(v, -1)
+        for v in zip(*(evaluate(c.expand(batch, experts)) for c in coarse), strict=True)
+    )
+    best_h, best = hs.min(dim=-1)
+    best = coarse[best]
+    gap_x = (xs[..., :-1] - target_x[..., None]).clamp(min=0) + (
+        target_x[..., None] - xs[..., 1:]
+    ).clamp(min=0)
+    gap_y = (ys[..., :-1] - target_y[..., None]).clamp(min=0) + (
+        target_y[..., None] - ys[..., 1:]
+    ).clamp(min=0)
+    bound = gap_x**2 + gap_y**2  # [B, T, cells]
+    refined = bound.argsort(dim=-1)[..., :2]  # [B, T, 2]
+    for cell in refined.unbind(-1):
+        start, end = coarse[cell], coarse[cell + 1]
+        for offset in range(1, stride):
+            index = torch.minimum(start + offset, end)
+            h = evaluate(index)[2]
+            better = h < best_h
+            best_h, best = torch.where(better, h, best_h), torch.where(better, index, best)
+    open_cells = bound <= best_h[..., None] * (1 + 1e-6) + 1e-12
+    open_cells.scatter_(-1, refined, False)
+    unresolved = open_cells.any(dim=-1)
+    if bool(unresolved.any()):
+        best = torch.where(unresolved, full_scan(), best)
+    return best
 
 
 def _best_axis(
@@ -230,16 +298,11 @@ def _best_axis(
 ) -> tuple[Tensor, Tensor]:
     """Stages 1-2: minimise h along every axis, keep the best axis per row -> alpha [B, T], h [B]."""
     batch, experts = active.shape
-    h_grid = []
-    for a in grid:
-        forward, reverse = _axis_kls(large_logp, centred, a.expand(batch, experts))
-        h_grid.append(
-            (forward - mean_forward[:, None]) ** 2 + (reverse - mean_reverse[:, None]) ** 2
-        )
-    k = torch.nan_to_num(torch.stack(h_grid, dim=-1), nan=torch.inf).argmin(dim=-1)  # [B, T]
+    k = _grid_argmin(large_logp, centred, mean_forward, mean_reverse, grid)  # [B, T]
     last = grid.numel() - 1
     a, left, right = grid[k], grid[(k - 1).clamp(min=0)], grid[(k + 1).clamp(max=last)]
-    h, dh, d2h = _axis_terms(large_logp, centred, a, mean_forward, mean_reverse)
+    centred_sq = centred**2
+    h, dh, d2h = _axis_terms(large_logp, centred, centred_sq, a, mean_forward, mean_reverse)
     best_a, best_h = a, h
     for _ in range(newton_steps):
         # The minimum lies on the side h' points away from. At a bracket end h' carries no side
@@ -249,7 +312,7 @@ def _best_axis(
         newton = a - dh / d2h
         inside = (d2h > 0) & (newton > left) & (newton < right)
         a = torch.where(inside, newton, (left + right) / 2)
-        h, dh, d2h = _axis_terms(large_logp, centred, a, mean_forward, mean_reverse)
+        h, dh, d2h = _axis_terms(large_logp, centred, centred_sq, a, mean_forward, mean_reverse)
         better = h < best_h
         best_a, best_h = torch.where(better, a, best_a), torch.where(better, h, best_h)
     best_h = torch.where(active, torch.nan_to_num(best_h, nan=torch.inf), torch.inf)
@@ -265,16 +328,17 @@ def _joint_terms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Residuals ([B, 2]), their Jacobian ([B, 2, T]) and h ([B]) at a joint alpha.
 
-    dKL(P||P~)/dalpha = E_P~[d];  dKL(P~||P)/dalpha = Cov_P~(d) alpha.
+    dKL(P||P~)/dalpha = E_P~[d];  dKL(P~||P)/dalpha = Cov_P~(d) alpha = E_P~[d s] - E_P~[d] E_P~[s]
+    with s = sum_t alpha_t d_t (no T x T matrix needed).
     """
-    shift = torch.einsum("bt,btv->bv", alpha, centred)
+    shift = torch.einsum("bt,btv->bv", alpha, centred)  # s
     cgf = torch.logsumexp(large_logp + shift, dim=-1)  # [B]
     weights = torch.exp(large_logp + shift - cgf[:, None])  # [B, V]
     mean = torch.einsum("bv,btv->bt", weights, centred)  # [B, T]
-    second = torch.einsum("bv,btv,bsv->bts", weights, centred, centred)  # [B, T, T]
-    cov = second - mean[:, :, None] * mean[:, None, :]
-    residual = torch.stack([(weights * shift).sum(-1) - cgf - mean_forward, cgf - mean_reverse], -1)
-    jacobian = torch.stack([torch.einsum("bts,bs->bt", cov, alpha), mean], dim=1)
+    mean_shift = (weights * shift).sum(-1)  # [B]
+    cov_alpha = torch.einsum("bv,btv->bt", weights * shift, centred) - mean * mean_shift[:, None]
+    residual = torch.stack([mean_shift - cgf - mean_forward, cgf - mean_reverse], -1)
+    jacobian = torch.stack([cov_alpha, mean], dim=1)
     return residual, jacobian, (residual**2).sum(-1)
 
 
@@ -333,7 +397,7 @@ def make_solver(
     alpha_min: float = 0.0,
     alpha_max: float = 2.0,
     grid_step: float = 0.1,
-    newton_steps: int = 4,
+    newton_steps: int = 3,
 ) -> AlphaSolver | None:
     """The alpha solver of a fusion mode; None for `none` (the large model alone)."""
     if mode == "none":
