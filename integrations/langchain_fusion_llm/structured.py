@@ -29,7 +29,11 @@ def structured_output(model: BaseChatModel, schema: Any, include_raw: bool) -> R
         messages = model._convert_input(value).to_messages()
         return [instruction, *messages]
 
-    ask = RunnableLambda(with_instruction) | model
+    # Traced like other chat models' structured output (the run's `ls_structured_output_format`).
+    traced = model.bind(
+        ls_structured_output_format={"kwargs": {"method": "json_schema"}, "schema": schema}
+    )
+    ask = RunnableLambda(with_instruction) | traced
     if not include_raw:
         return ask | parser
     return ask | RunnableLambda(lambda raw: {"raw": raw, **_parse(parser, raw)})

@@ -280,10 +280,23 @@ class Answer(BaseModel):
     value: int
 
 
+class OptionsRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.options: list[dict[str, Any]] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        self.options.append(kwargs.get("options") or {})
+
+
 def test_structured_output_validates_the_reply_against_the_schema() -> None:
     replies = iter([AIMessage('{"value": 7}'), AIMessage("not json")])
     model = GenericFakeChatModel(messages=replies)
-    assert structured_output(model, Answer, include_raw=False).invoke("x") == Answer(value=7)
+    recorder = OptionsRecorder()
+    parsed = structured_output(model, Answer, include_raw=False).invoke(
+        "x", config={"callbacks": [recorder]}
+    )
+    assert parsed == Answer(value=7)
+    assert recorder.options[0]["ls_structured_output_format"]["schema"]["title"] == "Answer"
     raw = structured_output(model, Answer, include_raw=True).invoke("x")
     assert raw["parsed"] is None and raw["parsing_error"] is not None
 
