@@ -9,7 +9,10 @@ that share experts into one engine batch each, and runs the engine.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,12 @@ CHAT_ROLES = {
     "function": "tool",
 }
 
+NO_TOOL_TEMPLATE = (
+    "the large model's chat template does not render tools, so the model cannot call them; "
+    "use a model whose chat template takes `tools`, or a ReAct-style prompt"
+)
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
 _engines: dict[str, FusionEngine] = {}
 _engines_lock = threading.Lock()
 
@@ -60,6 +69,42 @@ def chat_message(role: str, content: str, **extra: Any) -> dict[str, Any]:
     return {"role": CHAT_ROLES[role], "content": content} | {
         k: v for k, v in extra.items() if v is not None
     }
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """(remaining text, tool calls) from generated text.
+
+    Understands `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes, Qwen)
+    and a reply that is one JSON object with `name` and `arguments`/`parameters` (Llama 3.1).
+    Each call is `{"name", "args", "id"}`; blocks that are not valid calls stay in the text.
+    """
+    calls, kept = [], text
+    for block in TOOL_CALL_BLOCK.finditer(text):
+        call = _tool_call(block.group(1))
+        if call is not None:
+            calls.append(call)
+            kept = kept.replace(block.group(0), "")
+    if not calls and (call := _tool_call(text)) is not None:
+        return "", [call]
+    return kept.strip() if calls else text, calls
+
+
+def _tool_call(candidate: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(candidate.strip())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    args = data.get("arguments", data.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"name": data["name"], "args": args, "id": f"call_{uuid.uuid4().hex[:12]}"}
 
 
 @dataclass
@@ -104,7 +149,18 @@ class FusionClient:
     def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None
     ) -> FusionPrompt:
-        return self.engine.render_chat(messages, tools)
+        """Each model's chat template; without one, `role: content` lines and `assistant:`."""
+        if self.engine.has_chat_template():
+            return self.engine.render_chat(messages, tools or None)
+        if tools:
+            raise RequestError(NO_TOOL_TEMPLATE)
+        lines = [f"{m['role']}: {m['content']}\n" for m in messages]
+        return FusionPrompt("".join(lines) + "assistant:")
+
+    def supports_tools(self) -> bool:
+        """Whether the large model's chat template renders tool definitions."""
+        template = getattr(self.engine.tokenizer, "chat_template", None) or ""
+        return "tools" in template
 
     def generate(
         self,
@@ -144,7 +200,9 @@ class FusionClient:
             by_route.setdefault(repr((route, source)), []).append(row)
         for rows in by_route.values():
             route, source = routes[rows[0]]
-            for row, d in zip(rows, self.router.decide([batch[r] for r in rows], route, source), strict=False):
+            for row, d in zip(
+                rows, self.router.decide([batch[r] for r in rows], route, source), strict=False
+            ):
                 decisions[row] = d
         return decisions  # type: ignore[return-value]  # every row was filled
 

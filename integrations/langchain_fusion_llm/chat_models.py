@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import (
     AIMessage,
@@ -20,9 +22,17 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from fusion_llm.client import RoutedGeneration, chat_message, iterate_in_thread
-from fusion_llm.engine import FusionPrompt
+from fusion_llm.client import (
+    NO_TOOL_TEMPLATE,
+    RoutedGeneration,
+    chat_message,
+    iterate_in_thread,
+    parse_tool_calls,
+)
+from fusion_llm.engine import FusionPrompt, StreamChunk
+from fusion_llm.router import RoutingDecision
 
 from .batching import batch_chat
 from .params import FusionFields
@@ -76,16 +86,16 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):  # tool calls are parsed from the whole reply: one chunk
+            chunk = self._whole_reply_chunk(messages, stop, run_manager, kwargs)
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+            return
         decision, chunks = self._start_stream(messages, stop, run_manager, kwargs)
         try:
             for piece in chunks:
-                chunk = _chunk(
-                    piece.text,
-                    None
-                    if piece.generation is None
-                    else RoutedGeneration(piece.generation, decision),
-                    self.model_name,
-                )
+                chunk = _chunk(piece, decision, self.model_name)
                 if run_manager:
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
                 yield chunk
@@ -100,14 +110,19 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         sync_manager = run_manager.get_sync() if run_manager else None
+        if kwargs.get("tools"):  # tool calls are parsed from the whole reply: one chunk
+            chunk = await asyncio.to_thread(
+                self._whole_reply_chunk, messages, stop, sync_manager, kwargs
+            )
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+            return
         decision, chunks = await asyncio.to_thread(
             self._start_stream, messages, stop, sync_manager, kwargs
         )
         async for piece in iterate_in_thread(chunks):
-            routed = (
-                None if piece.generation is None else RoutedGeneration(piece.generation, decision)
-            )
-            chunk = _chunk(piece.text, routed, self.model_name)
+            chunk = _chunk(piece, decision, self.model_name)
             if run_manager:
                 await run_manager.on_llm_new_token(piece.text, chunk=chunk)
             yield chunk
@@ -141,13 +156,19 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
 
     # -- tools and structured output -------------------------------------------------------
     def bind_tools(
-        self, tools: Sequence[Any], **kwargs: Any
+        self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        msg = (
-            "ChatFusedLLM cannot call tools: fusion-llm does not parse tool calls from generated "
-            "text yet; use a ReAct-style prompt, or `with_structured_output` for JSON answers"
-        )
-        raise NotImplementedError(msg)
+        """Offer tools through the chat template; the model decides whether to call one.
+
+        Tool calls are parsed from the reply (`<tool_call>` JSON blocks, or a reply that is one
+        JSON call). Raises NotImplementedError when the large model's chat template has no tools.
+        """
+        if not self.client.supports_tools():
+            raise NotImplementedError(NO_TOOL_TEMPLATE)
+        if tool_choice not in (None, "auto"):
+            msg = f"tool_choice={tool_choice!r} cannot be enforced on generated text; use None or 'auto'"
+            raise NotImplementedError(msg)
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     def with_structured_output(
         self, schema: Any, *, include_raw: bool = False, **kwargs: Any
@@ -169,10 +190,27 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
         **kwargs: Any,
     ) -> list[ChatResult]:
         """Route each row with its own run manager; one engine batch per expert set."""
-        prompts = [self._prompt(m) for m in message_lists]
+        tools = kwargs.get("tools")
+        prompts = [self._prompt(m, tools) for m in message_lists]
         routes = [self._route(kwargs, manager) for manager in run_managers]
         results = self.client.generate(prompts, routes, **self._overrides(stop, kwargs))
-        return [_result(r, self.model_name) for r in results]
+        return [_result(r, self.model_name, bool(tools)) for r in results]
+
+    def _whole_reply_chunk(self, messages, stop, run_manager, kwargs) -> ChatGenerationChunk:
+        (result,) = self._generate_rows([messages], stop, [run_manager], **kwargs)
+        generation = result.generations[0]
+        message = generation.message
+        chunk = AIMessageChunk(
+            content=message.content,
+            tool_call_chunks=[
+                {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+                for i, c in enumerate(message.tool_calls)
+            ],
+            usage_metadata=message.usage_metadata,
+            response_metadata=message.response_metadata,
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
     def _start_stream(self, messages, stop, run_manager, kwargs):
         route, source = self._route(kwargs, run_manager)
@@ -180,13 +218,11 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
             self._prompt(messages), route, source, **self._overrides(stop, kwargs)
         )
 
-    def _prompt(self, messages: list[BaseMessage]) -> FusionPrompt:
-        return self.client.chat_prompt([convert_message(m) for m in messages])
+    def _prompt(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> FusionPrompt:
+        return self.client.chat_prompt([convert_message(m) for m in messages], tools)
 
     def _caches(self) -> bool:
         """Whether calls go through a LangChain cache (then the standard batch path keeps it)."""
-        from langchain_core.globals import get_llm_cache
-
         return self.cache is not False and (self.cache is not None or get_llm_cache() is not None)
 
 
@@ -214,9 +250,13 @@ def convert_message(message: BaseMessage) -> dict[str, Any]:
     raise TypeError(msg)
 
 
-def _result(routed: RoutedGeneration, model_name: str) -> ChatResult:
+def _result(routed: RoutedGeneration, model_name: str, parse_tools: bool) -> ChatResult:
+    content, tool_calls = (
+        parse_tool_calls(routed.generation.text) if parse_tools else (routed.generation.text, [])
+    )
     message = AIMessage(
-        content=routed.generation.text,
+        content=content,
+        tool_calls=tool_calls,
         usage_metadata=_usage_metadata(routed),
         response_metadata={"model_name": model_name, **routed.info},
     )
@@ -226,12 +266,13 @@ def _result(routed: RoutedGeneration, model_name: str) -> ChatResult:
     )
 
 
-def _chunk(text: str, routed: RoutedGeneration | None, model_name: str) -> ChatGenerationChunk:
+def _chunk(piece: StreamChunk, decision: RoutingDecision, model_name: str) -> ChatGenerationChunk:
     """A streamed piece; the last one carries usage, response metadata and generation info."""
-    if routed is None:
-        return ChatGenerationChunk(message=AIMessageChunk(content=text))
+    if piece.generation is None:
+        return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+    routed = RoutedGeneration(piece.generation, decision)
     message = AIMessageChunk(
-        content=text,
+        content=piece.text,
         usage_metadata=_usage_metadata(routed),
         response_metadata={"model_name": model_name, **routed.info},
         chunk_position="last",

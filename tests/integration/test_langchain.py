@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -16,7 +19,8 @@ from langchain_fusion_llm.structured import structured_output
 from pydantic import BaseModel
 
 from fusion_llm import FusionEngine, UnknownExpertError
-from fusion_llm.client import shared_engine
+from fusion_llm.client import parse_tool_calls, shared_engine
+from fusion_llm.tiny import family_config
 
 pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
 
@@ -270,10 +274,80 @@ def test_engine_is_kept_out_of_repr_and_serialisation(chat: ChatFusedLLM) -> Non
     assert "engine" not in chat.model_dump()
 
 
-# -- tools and structured output ----------------------------------------------------------------
+# -- chat templates, tools and structured output ------------------------------------------------
+TOOL_TEMPLATE = (
+    "{% if tools %}<s>system: tools {% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n"
+    "{% endif %}{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def config_with_template(tiny_family, folder: Path, template: str | None) -> str:
+    """A copy of the tiny family whose tokenizers have `template` (None: no chat template)."""
+    for name, source in tiny_family.items():
+        shutil.copytree(source, folder / name)
+        if (folder / name / "chat_template.jinja").exists():
+            (folder / name / "chat_template.jinja").unlink()
+            if template is not None:
+                (folder / name / "chat_template.jinja").write_text(template)
+    paths = {name: folder / name for name in tiny_family}
+    path = folder / "fusion.yaml"
+    path.write_text(yaml.safe_dump(family_config(paths, experts=("full", "lora_a"))))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tool_chat(tiny_family, tmp_path_factory) -> ChatFusedLLM:
+    folder = tmp_path_factory.mktemp("tool_family")
+    return ChatFusedLLM(config_path=config_with_template(tiny_family, folder, TOOL_TEMPLATE))
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
 def test_bind_tools_without_tool_template_is_not_implemented(chat: ChatFusedLLM) -> None:
-    with pytest.raises(NotImplementedError, match="ReAct"):
-        chat.bind_tools([])
+    with pytest.raises(NotImplementedError, match="does not render tools"):
+        chat.bind_tools([add])
+
+
+def test_bound_tools_are_rendered_by_the_chat_template(tool_chat: ChatFusedLLM) -> None:
+    plain = tool_chat.invoke("the city")
+    with_tools = tool_chat.bind_tools([add]).invoke("the city")
+    assert with_tools.response_metadata["prompt_tokens"] > plain.response_metadata["prompt_tokens"]
+    assert isinstance(with_tools.tool_calls, list)
+    (chunk,) = list(tool_chat.bind_tools([add]).stream("the city"))
+    assert chunk.chunk_position == "last" and chunk.content == with_tools.content
+    with pytest.raises(NotImplementedError, match="tool_choice"):
+        tool_chat.bind_tools([add], tool_choice="any")
+
+
+def test_without_a_chat_template_messages_become_role_lines(tiny_family, tmp_path) -> None:
+    chat = ChatFusedLLM(config_path=config_with_template(tiny_family, tmp_path, None))
+    message = chat.invoke([SystemMessage("be brief"), HumanMessage("the city")])
+    rendered = "system: be brief\nuser: the city\nassistant:"
+    assert message.response_metadata["prompt_tokens"] == len(
+        chat.engine.tokenizer(rendered)["input_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', "", [("add", {"a": 1})]),
+        ('ok <tool_call>{"name": "f", "arguments": "{}"}</tool_call>', "ok", [("f", {})]),
+        ('{"name": "add", "parameters": {"b": 2}}', "", [("add", {"b": 2})]),
+        ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+        ('{"value": 3}', '{"value": 3}', []),
+        ("plain words", "plain words", []),
+    ],
+)
+def test_parse_tool_calls(text, content, calls) -> None:
+    remaining, parsed = parse_tool_calls(text)
+    assert remaining == content
+    assert [(c["name"], c["args"]) for c in parsed] == calls
+    assert all(c["id"].startswith("call_") for c in parsed)
 
 
 class Answer(BaseModel):
