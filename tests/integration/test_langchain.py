@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -20,7 +17,6 @@ from pydantic import BaseModel
 
 from fusion_llm import FusionEngine, UnknownExpertError
 from fusion_llm.client import parse_tool_calls, shared_engine
-from fusion_llm.tiny import family_config
 
 pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
 
@@ -275,31 +271,9 @@ def test_engine_is_kept_out_of_repr_and_serialisation(chat: ChatFusedLLM) -> Non
 
 
 # -- chat templates, tools and structured output ------------------------------------------------
-TOOL_TEMPLATE = (
-    "{% if tools %}<s>system: tools {% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n"
-    "{% endif %}{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
-
-
-def config_with_template(tiny_family, folder: Path, template: str | None) -> str:
-    """A copy of the tiny family whose tokenizers have `template` (None: no chat template)."""
-    for name, source in tiny_family.items():
-        shutil.copytree(source, folder / name)
-        if (folder / name / "chat_template.jinja").exists():
-            (folder / name / "chat_template.jinja").unlink()
-            if template is not None:
-                (folder / name / "chat_template.jinja").write_text(template)
-    paths = {name: folder / name for name in tiny_family}
-    path = folder / "fusion.yaml"
-    path.write_text(yaml.safe_dump(family_config(paths, experts=("full", "lora_a"))))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def tool_chat(tiny_family, tmp_path_factory) -> ChatFusedLLM:
-    folder = tmp_path_factory.mktemp("tool_family")
-    return ChatFusedLLM(config_path=config_with_template(tiny_family, folder, TOOL_TEMPLATE))
+def tool_chat(tool_config: str) -> ChatFusedLLM:
+    return ChatFusedLLM(config_path=tool_config)
 
 
 def add(a: int, b: int) -> int:
@@ -323,8 +297,8 @@ def test_bound_tools_are_rendered_by_the_chat_template(tool_chat: ChatFusedLLM) 
         tool_chat.bind_tools([add], tool_choice="any")
 
 
-def test_without_a_chat_template_messages_become_role_lines(tiny_family, tmp_path) -> None:
-    chat = ChatFusedLLM(config_path=config_with_template(tiny_family, tmp_path, None))
+def test_without_a_chat_template_messages_become_role_lines(plain_config: str) -> None:
+    chat = ChatFusedLLM(config_path=plain_config)
     message = chat.invoke([SystemMessage("be brief"), HumanMessage("the city")])
     rendered = "system: be brief\nuser: the city\nassistant:"
     assert message.response_metadata["prompt_tokens"] == len(
