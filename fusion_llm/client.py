@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .compose import WeightComposer
 from .config import FusionConfig
 from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
 from .errors import RequestError
@@ -43,6 +44,7 @@ NO_TOOL_TEMPLATE = (
     "the large model's chat template does not render tools, so the model cannot call them; "
     "use a model whose chat template takes `tools`, or a ReAct-style prompt"
 )
+COMPOSE_MODES = ("logits", "weights")
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 _engines: dict[str, FusionEngine] = {}
@@ -138,13 +140,28 @@ class RoutedGeneration:
 
 
 class FusionClient:
-    """Routed generation over one engine: the work behind both adapters."""
+    """Routed generation over one engine: the work behind both adapters.
+
+    `compose`: how several active experts combine: "logits" (joint dynamic alpha over the experts,
+    the engine's fusion) or "weights" (one expert merged by task arithmetic, see `compose.py`,
+    written under `compose_dir`, default a folder in the temp directory).
+    """
 
     def __init__(
-        self, engine: FusionEngine, threshold: float = 0.0, max_experts: int | None = None
+        self,
+        engine: FusionEngine,
+        threshold: float = 0.0,
+        max_experts: int | None = None,
+        compose: str = "logits",
+        compose_dir: str | None = None,
     ):
+        if compose not in COMPOSE_MODES:
+            msg = f"compose must be one of {', '.join(COMPOSE_MODES)}, got {compose!r}"
+            raise RequestError(msg)
         self.engine = engine
         self.router = TaskRouter(engine, threshold, max_experts)
+        self.compose = compose
+        self.compose_dir = compose_dir
 
     def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None
@@ -176,9 +193,8 @@ class FusionClient:
             groups.setdefault(tuple(decision.experts), []).append(row)
         results: list[RoutedGeneration | None] = [None] * len(batch)
         for experts, rows in groups.items():
-            generations = self.engine.generate(
-                [batch[r] for r in rows], experts=list(experts), **overrides
-            )
+            engine, names = self._runner(list(experts))
+            generations = engine.generate([batch[r] for r in rows], experts=names, **overrides)
             for row, generation in zip(rows, generations, strict=False):
                 results[row] = RoutedGeneration(generation, decisions[row])
         return results  # type: ignore[return-value]  # every row was filled
@@ -189,7 +205,16 @@ class FusionClient:
         """Route one prompt and start streaming it; close the iterator to stop early."""
         prompt = prompt if isinstance(prompt, FusionPrompt) else FusionPrompt(prompt)
         (decision,) = self._decide([prompt], [(route, source)])
-        return decision, self.engine.stream(prompt, experts=decision.experts, **overrides)
+        engine, names = self._runner(decision.experts)
+        return decision, engine.stream(prompt, experts=names, **overrides)
+
+    def _runner(self, experts: list[str]) -> tuple[FusionEngine, list[str]]:
+        """The engine and expert names that run an expert set (under "weights": one merged expert)."""
+        if self.compose == "logits" or len(experts) < 2:
+            return self.engine, experts
+        composer = WeightComposer(self.engine, self.compose_dir)
+        config = composer.config_for(experts)
+        return shared_engine(config), config.expert_names
 
     def _decide(
         self, batch: Sequence[FusionPrompt], routes: Sequence[tuple[Route, str]]

@@ -42,6 +42,10 @@ class FusionFields(BaseModel):
     """`auto` routing: minimum log-likelihood gain per prompt token (nats) to activate an expert."""
     max_experts: int | None = None
     """`auto` routing: keep at most this many experts per prompt (None: no limit)."""
+    compose: str = "logits"
+    """Several active experts combine by "logits" (joint dynamic alpha) or "weights" (merged)."""
+    compose_dir: str | None = None
+    """Where merged experts are written under compose="weights" (None: the temp directory)."""
     mode: str | None = None
     """Fusion mode: "dynamic", "paper", "static" or "none" (None: the engine config's)."""
     max_tokens: int | None = None
@@ -81,7 +85,9 @@ class FusionFields(BaseModel):
 
     @property
     def client(self) -> FusionClient:
-        return FusionClient(self.engine, self.router_threshold, self.max_experts)
+        return FusionClient(
+            self.engine, self.router_threshold, self.max_experts, self.compose, self.compose_dir
+        )
 
     @property
     def model_name(self) -> str:
@@ -126,6 +132,7 @@ class FusionFields(BaseModel):
             "route": self.route,
             "router_threshold": self.router_threshold,
             "max_experts": self.max_experts,
+            "compose": self.compose,
             "max_tokens": self.max_tokens or config.generation.max_new_tokens,
             "temperature": config.generation.temperature
             if self.temperature is None

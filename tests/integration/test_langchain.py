@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,6 +229,15 @@ def test_auto_route_reports_gains_of_every_expert(tiny_config: str) -> None:
     decision = routing(message)
     assert set(decision["scores"]) == {"full", "lora_a", "lora_b"}
     assert decision["experts"] == [n for n in decision["experts"] if decision["scores"][n] > 0]
+
+
+def test_weight_composition_runs_one_merged_expert(tiny_config: str, tmp_path: Path) -> None:
+    chat = ChatFusedLLM(config_path=tiny_config, compose="weights", compose_dir=str(tmp_path))
+    message = chat.bind(tasks=["lora_a", "lora_b"]).invoke("the city")
+    assert routing(message)["experts"] == ["lora_a", "lora_b"]
+    assert message.response_metadata["experts"] == ["lora_a__lora_b"]
+    streamed = list(chat.bind(tasks=["lora_a", "lora_b"]).stream("the city"))
+    assert "".join(c.content for c in streamed) == message.content
 
 
 def test_unknown_task_is_an_actionable_error(chat: ChatFusedLLM) -> None:

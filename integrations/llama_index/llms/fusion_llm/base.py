@@ -61,6 +61,10 @@ class FusedLLM(CustomLLM):
     """`auto` routing: minimum log-likelihood gain per prompt token (nats) to activate an expert."""
     max_experts: int | None = None
     """`auto` routing: keep at most this many experts per prompt (None: no limit)."""
+    compose: str = "logits"
+    """Several active experts combine by "logits" (joint dynamic alpha) or "weights" (merged)."""
+    compose_dir: str | None = None
+    """Where merged experts are written under compose="weights" (None: the temp directory)."""
     mode: str | None = None
     """Fusion mode: "dynamic", "paper", "static" or "none" (None: the engine config's)."""
     max_new_tokens: int | None = None
@@ -215,7 +219,9 @@ class FusedLLM(CustomLLM):
         return {k: v for k, v in params.items() if v is not None}
 
     def _client(self) -> FusionClient:
-        return FusionClient(self._engine(), self.router_threshold, self.max_experts)
+        return FusionClient(
+            self._engine(), self.router_threshold, self.max_experts, self.compose, self.compose_dir
+        )
 
     def _engine(self) -> FusionEngine:
         if self.engine is None:
