@@ -170,7 +170,9 @@ class TaskRouter:
 
     def _pick(self, gains: dict[str, float], source: str) -> RoutingDecision:
         passing = [name for name, gain in gains.items() if gain > self.threshold]
-        chosen = sorted(passing, key=lambda name: -gains[name])[: self.max_experts]  # stable on ties
+        chosen = sorted(passing, key=lambda name: -gains[name])[
+            : self.max_experts
+        ]  # stable on ties
         return RoutingDecision(chosen, source, "auto", gains)
 
     def _explicit_experts(self, route: Route) -> list[str]:
@@ -184,6 +186,33 @@ class TaskRouter:
             msg = f"unknown task(s) {', '.join(map(repr, unknown))}; a task is named after its expert: {known}"
             raise UnknownExpertError(msg)
         return list(route)
+
+
+def routing_accuracy(
+    router: TaskRouter, labelled: Mapping[str, Sequence[str]], batch_size: int = 16
+) -> dict[str, dict[str, float]]:
+    """How well `auto` routes prompts labelled with their task (= the expert that should win).
+
+    Per task and overall: `top1` (the largest gain is the task's expert), `selected` (the task's
+    expert passes the threshold) and `exact` (it is the only expert selected).
+    """
+    rows: dict[str, list[tuple[bool, bool, bool]]] = {}
+    for task, prompts in labelled.items():
+        for start in range(0, len(prompts), batch_size):
+            chunk = [FusionPrompt(p) for p in prompts[start : start + batch_size]]
+            for decision in router.decide(chunk, "auto", "default"):
+                top = max(decision.scores, key=decision.scores.get)
+                hits = (top == task, task in decision.experts, decision.experts == [task])
+                rows.setdefault(task, []).append(hits)
+    everything = [hit for hits in rows.values() for hit in hits]
+    return {
+        name: {
+            metric: round(sum(h[i] for h in hits) / len(hits), 4)
+            for i, metric in enumerate(("top1", "selected", "exact"))
+        }
+        for name, hits in {**rows, "all": everything}.items()
+        if hits
+    }
 
 
 # -- likelihood scoring (tensor math) -----------------------------------------------------------

@@ -15,6 +15,7 @@ from fusion_llm.router import (
     mean_log_likelihood,
     normalize_route,
     route_from_tags,
+    routing_accuracy,
 )
 from fusion_llm.tiny import family_config
 
@@ -139,3 +140,14 @@ def test_mean_log_likelihood_is_the_mean_next_token_log_probability(
     with torch.no_grad():
         scores = mean_log_likelihood(loaded, [ids, ids[:2]])
     assert float(scores[0]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_routing_accuracy_counts_top1_selected_and_exact(twin_engine: FusionEngine) -> None:
+    router = TaskRouter(twin_engine, threshold=-math.inf)
+    texts = [p.text for p in PROMPTS]
+    gains = router.gains(PROMPTS)
+    winners = [max(g, key=g.get) for g in gains]
+    report = routing_accuracy(router, {winners[0]: texts[:1], "twin": texts[1:]}, batch_size=1)
+    assert report[winners[0]] == {"top1": 1.0, "selected": 1.0, "exact": 0.0}  # all selected
+    assert report["twin"]["selected"] == 1.0
+    assert report["all"]["top1"] == (1.0 + (winners[1] == "twin")) / 2
