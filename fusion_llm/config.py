@@ -114,6 +114,9 @@ class GenerationSpec(_Spec):
     truncate_prompt: bool = Field(
         False, description="Drop the oldest prompt tokens instead of failing when it is too long."
     )
+    ignore_eos: bool = Field(
+        False, description="Keep generating past EOS until max_new_tokens (for benchmarks)."
+    )
 
     @field_validator("stop")
     @classmethod

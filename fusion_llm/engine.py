@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from .config import FusionConfig, FusionMode, GenerationSpec
-from .decoding import PromptBatch, Step, decode
+from .decoding import PromptBatch, decode
 from .errors import ContextWindowError, RequestError, UnknownExpertError
-from .fusion import make_solver
+from .fusion import AlphaSolver, make_solver
 from .models import LoadedModel, ModelSet, load_models
 from .text import IncrementalText
 
@@ -81,6 +81,48 @@ class StreamChunk:
     generation: Generation | None = None
 
 
+@dataclass
+class _Request:
+    """A validated, tokenized request, ready to decode."""
+
+    tokens: PromptBatch
+    experts: list[str]
+    mode: str
+    solver: AlphaSolver | None
+    spec: GenerationSpec
+    eos_ids: set[int]
+
+
+class _RowResult:
+    """What one row has produced so far: tokens, alpha trace, fallbacks, text."""
+
+    def __init__(self, tokenizer, request: _Request):
+        self.request = request
+        self.text = IncrementalText(tokenizer, request.spec.stop, request.eos_ids)
+        self.alpha: list[list[float]] = []
+        self.fallback_steps: list[int] = []
+
+    def add(self, token: int, alpha: torch.Tensor, fallback: bool, stream: bool) -> str:
+        """Record one token; the text delta is decoded only when streaming."""
+        if fallback:
+            self.fallback_steps.append(len(self.alpha))
+        self.alpha.append([round(a, 4) for a in alpha.tolist()])
+        return self.text.push(token) if stream else self.text.append(token)
+
+    def finish(self, reason: str, row: int) -> tuple[str, Generation]:
+        """The last text delta and the row's `Generation`."""
+        return self.text.finish(), Generation(
+            text=self.text.final_text(),
+            token_ids=list(self.text.token_ids),
+            finish_reason=reason,
+            prompt_tokens=len(self.request.tokens.large[row]),
+            experts=list(self.request.experts),
+            mode=self.request.mode,
+            alpha=self.alpha,
+            fallback_steps=self.fallback_steps,
+        )
+
+
 class FusionEngine:
     """Decode a large model with small experts by logit fusion.
 
@@ -138,13 +180,11 @@ class FusionEngine:
 
         `experts`: names of the experts to fuse (None: all configured; []: the large model alone).
         `mode`: override the configured fusion mode. Other keywords override `GenerationSpec`
-        fields (max_new_tokens, temperature, top_k, top_p, seed, stop, truncate_prompt).
+        fields (max_new_tokens, temperature, top_k, top_p, seed, stop, truncate_prompt, ignore_eos).
         """
-        generations: dict[int, Generation] = {}
-        for chunk in self.stream(prompts, experts=experts, mode=mode, **overrides):
-            if chunk.generation is not None:
-                generations[chunk.row] = chunk.generation
-        return [generations[i] for i in range(len(generations))]
+        request = self._prepare(prompts, experts, mode, overrides)
+        results = {c.row: c.generation for c in self._run(request, stream=False)}
+        return [results[i] for i in range(len(request.tokens.large))]
 
     def stream(
         self,
@@ -156,70 +196,51 @@ class FusionEngine:
     ) -> Iterator[StreamChunk]:
         """Like `generate`, but yields text deltas per row as tokens are decoded.
 
-        Text that might be the start of a stop string is held back until it is not. Closing the
-        iterator early stops the generation and frees the models for the next call.
+        The request is validated before the first chunk. Text that might be the start of a stop
+        string is held back until it is not. Closing the iterator early stops the generation and
+        frees the models for the next call.
         """
+        return self._run(self._prepare(prompts, experts, mode, overrides), stream=True)
+
+    def _prepare(self, prompts, experts, mode, overrides) -> _Request:
+        """Validate and tokenize a request; raises typed errors before any decoding."""
         batch = _as_prompts(prompts)
         spec = self.config.generation.updated(**overrides)
         chosen = self._resolve_experts(experts)
         mode = self._resolve_mode(mode, chosen)
         if mode == "none":
             chosen = []
-        models = self.models
-        token_batch = self._tokenize(batch, chosen, spec)
+        fusion = self.config.fusion
         solver = make_solver(
             mode,
             torch.tensor([self._expert_spec(e).alpha for e in chosen]),
-            self.config.fusion.alpha_min,
-            self.config.fusion.alpha_max,
-            self.config.fusion.grid_step,
-            self.config.fusion.newton_steps,
+            fusion.alpha_min,
+            fusion.alpha_max,
+            fusion.grid_step,
+            fusion.newton_steps,
         )
-        eos_ids = _eos_ids(models.large)
-        return self._run(token_batch, chosen, mode, solver, spec, eos_ids)
+        eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
+        return _Request(self._tokenize(batch, chosen, spec), chosen, mode, solver, spec, eos_ids)
 
-    def _run(self, token_batch, chosen, mode, solver, spec, eos_ids) -> Iterator[StreamChunk]:
-        rows = [
-            IncrementalText(self.models.large.tokenizer, spec.stop, eos_ids)
-            for _ in token_batch.large
-        ]
-        alphas: list[list[list[float]]] = [[] for _ in rows]
-        fallbacks: list[list[int]] = [[] for _ in rows]
+    def _run(self, request: _Request, stream: bool) -> Iterator[StreamChunk]:
+        rows = [_RowResult(self.models.large.tokenizer, request) for _ in request.tokens.large]
         with self._run_lock:
-            steps = decode(self.models, token_batch, chosen, solver, spec, eos_ids)
+            steps = decode(
+                self.models, request.tokens, request.experts, request.solver, request.spec,
+                request.eos_ids,
+            )  # fmt: skip
             try:
                 for step in steps:
-                    yield from self._chunks(
-                        step, rows, alphas, fallbacks, token_batch, chosen, mode
-                    )
+                    for i, row in enumerate(step.rows):
+                        result = rows[row]
+                        delta = result.add(step.tokens[i], step.alpha[i], step.fallback[i], stream)
+                        if row in step.finished:
+                            tail, generation = result.finish(step.finished[row], row)
+                            yield StreamChunk(row, delta + tail, generation)
+                        elif delta:
+                            yield StreamChunk(row, delta)
             finally:
                 steps.close()
-
-    def _chunks(self, step: Step, rows, alphas, fallbacks, token_batch, chosen, mode):
-        for i, row in enumerate(step.rows):
-            text = rows[row]
-            alphas[row].append([round(a, 4) for a in step.alpha[i].tolist()])
-            if step.fallback[i]:
-                fallbacks[row].append(len(text.token_ids))
-            delta = text.push(step.tokens[i])
-            if row in step.finished:
-                delta += text.finish()
-                yield StreamChunk(
-                    row,
-                    delta,
-                    Generation(
-                        text=text.final_text(),
-                        token_ids=list(text.token_ids),
-                        finish_reason=step.finished[row],
-                        prompt_tokens=len(token_batch.large[row]),
-                        experts=list(chosen),
-                        mode=mode,
-                        alpha=alphas[row],
-                        fallback_steps=fallbacks[row],
-                    ),
-                )
-            elif delta:
-                yield StreamChunk(row, delta)
 
     # -- chat ----------------------------------------------------------------------------------
     def render_chat(

@@ -40,7 +40,13 @@ class IncrementalText:
         self.token_ids: list[int] = []
         self.released = 0  # characters already given out
 
+    def append(self, token: int) -> str:
+        """Record a token without decoding (batch generation decodes once, at the end)."""
+        self.token_ids.append(token)
+        return ""
+
     def push(self, token: int) -> str:
+        """Record a token and return the text that is now safe to show."""
         self.token_ids.append(token)
         text = self.text()
         safe = len(text)
