@@ -1,5 +1,6 @@
 """Smoke test of the zoo recipe at toy scale: everything is built, saved, reloadable and shared."""
 
+import argparse
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_llm.zoo import ZooNotBuiltError, build_zoo, zoo_config, zoo_info, zoo_path
+from fusion_llm.zoo.cli import register
 from fusion_llm.zoo.task_families import TASKS
 
 
@@ -91,3 +93,15 @@ def test_missing_zoo_and_unknown_models_fail_with_the_fix(toy_zoo, tmp_path):
         zoo_path("large-math", root / "models")  # a baseline is never shipped
     with pytest.raises(ValueError, match="source must be"):
         zoo_config(["math"], source="large", models_dir=root / "models")
+
+
+def test_cli_registers_zoo_build_and_info(toy_zoo, capsys):
+    root, _ = toy_zoo
+    parser = argparse.ArgumentParser(prog="fusion-llm")
+    register(parser.add_subparsers(dest="command", required=True))
+    build = parser.parse_args(["zoo", "build", "--scale", "toy", "--no-baselines"])
+    assert (build.scale, build.no_baselines) == ("toy", True)
+    args = parser.parse_args(["zoo", "info", "--dir", str(root / "models")])
+    assert args.func(args) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in _expected_shipped())
