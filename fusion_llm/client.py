@@ -174,6 +174,17 @@ class FusionClient:
         lines = [f"{m['role']}: {m['content']}\n" for m in messages]
         return FusionPrompt("".join(lines) + "assistant:")
 
+    def chat_overhead_tokens(self) -> int:
+        """Tokens the chat template adds around a system and a user message (0 without one).
+
+        Frameworks that pack a context to the window count only message text; this is the rest.
+        """
+        if not self.engine.has_chat_template():
+            return 0
+        empty = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
+        rendered = self.engine.render_chat(empty).large
+        return len(self.engine.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
     def supports_tools(self) -> bool:
         """Whether the large model's chat template renders tool definitions."""
         template = getattr(self.engine.tokenizer, "chat_template", None) or ""

@@ -32,11 +32,16 @@ CHAT = [
 
 def test_metadata_describes_the_large_model(llm: FusedLLM) -> None:
     metadata = llm.metadata
-    assert metadata.context_window == 256  # the tiny large model's max_position_embeddings
+    empty_chat = llm.engine.render_chat(
+        [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
+    ).large
+    template_tokens = len(llm.engine.tokenizer(empty_chat, add_special_tokens=False)["input_ids"])
+    assert metadata.context_window == 256 - template_tokens  # 256: the tiny large model's window
     assert metadata.num_output == llm.engine.config.generation.max_new_tokens
     assert metadata.is_chat_model
     assert metadata.model_name.endswith("large")
-    assert FusedLLM.from_engine(llm.engine, max_new_tokens=3).metadata.num_output == 3
+    explicit = FusedLLM.from_engine(llm.engine, max_new_tokens=3, context_window=100).metadata
+    assert (explicit.num_output, explicit.context_window) == (3, 100)
 
 
 def test_complete_reports_usage_and_routing(llm: FusedLLM) -> None:

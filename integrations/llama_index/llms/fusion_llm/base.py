@@ -5,6 +5,8 @@ Routing for one call (first present wins, see `fusion_llm.router`):
     2. instrument tags: `with instrument_tags({"fusion_tasks": ["math"]}): query_engine.query(q)`
        (the way to route through a query engine, which passes no keywords to the LLM);
     3. the `route` field: "all" (default), "none", "auto" or task names.
+
+For RAG, let LlamaIndex count tokens as the model does: `Settings.tokenizer = llm.engine.tokenizer.encode`.
 """
 
 from __future__ import annotations
@@ -108,9 +110,14 @@ class FusedLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
+        """`context_window` leaves room for the chat template, which LlamaIndex does not count."""
         engine = self._engine()
+        window = self.context_window or (
+            (engine.context_window or DEFAULT_CONTEXT_WINDOW)
+            - self._client().chat_overhead_tokens()
+        )
         return LLMMetadata(
-            context_window=self.context_window or engine.context_window or DEFAULT_CONTEXT_WINDOW,
+            context_window=window,
             num_output=self.max_new_tokens or engine.config.generation.max_new_tokens,
             is_chat_model=engine.has_chat_template(),
             model_name=engine.config.large.path,

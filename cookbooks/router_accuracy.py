@@ -1,0 +1,40 @@
+"""Measure the automatic (likelihood-ratio) router on the shipped family's eval prompts.
+
+Every eval prompt of each task is routed with `route="auto"`; the report gives, per task, how
+often the task's own expert has the largest gain (`top1`), passes the threshold (`selected`) and
+is the only expert selected (`exact`).
+
+    python cookbooks/router_accuracy.py --n 100 --threshold 0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _setup import fusion_config
+
+from fusion_llm import FusionEngine
+from fusion_llm.eval.tasks import SEEN_TASKS, load_task
+from fusion_llm.router import TaskRouter, routing_accuracy
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="fusion config whose experts are named after zoo tasks")
+    parser.add_argument("--tasks", nargs="+", default=list(SEEN_TASKS))
+    parser.add_argument("--n", type=int, default=100, help="eval prompts per task")
+    parser.add_argument("--threshold", type=float, default=0.0, help="gain in nats per token")
+    args = parser.parse_args(argv)
+    engine = FusionEngine(fusion_config(args.config, args.tasks))
+    labelled = {task: [e.prompt for e in load_task(task, n=args.n)] for task in args.tasks}
+    report = routing_accuracy(TaskRouter(engine, args.threshold), labelled)
+    print(f"{'task':<10} {'top1':>6} {'selected':>9} {'exact':>6}")
+    for task, scores in report.items():
+        print(
+            f"{task:<10} {scores['top1']:>6.2f} {scores['selected']:>9.2f} {scores['exact']:>6.2f}"
+        )
+    return report
+
+
+if __name__ == "__main__":
+    main()
