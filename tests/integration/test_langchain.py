@@ -11,7 +11,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.runnables import ConfigurableField
+from langchain_core.runnables import ConfigurableField, RunnableConfig, RunnableLambda
 from langchain_fusion_llm import ChatFusedLLM, FusedLLM
 from langchain_fusion_llm.structured import structured_output
 from pydantic import BaseModel
@@ -176,6 +176,16 @@ async def test_astream_and_astream_events_yield_tokens(chat: ChatFusedLLM, llm: 
     assert "".join(streamed) == "".join(c.content for c in chunks)
     llm_events = [e async for e in llm.astream_events("the king", version="v2")]
     assert any(e["event"] == "on_llm_stream" for e in llm_events)
+
+
+async def test_llm_ainvoke_streams_tokens_to_astream_events(llm: FusedLLM) -> None:
+    async def call_llm(prompt: str, config: RunnableConfig) -> str:
+        return await llm.ainvoke(prompt, config)  # invoke, not stream: the handler asks for tokens
+
+    events = [e async for e in RunnableLambda(call_llm).astream_events("the king", version="v2")]
+    tokens = [e["data"]["chunk"].text for e in events if e["event"] == "on_llm_stream"]
+    (end,) = [e for e in events if e["event"] == "on_llm_end"]
+    assert tokens and "".join(tokens) == end["data"]["output"]["generations"][0][0]["text"]
 
 
 async def test_abatch_returns_one_message_per_input(chat: ChatFusedLLM) -> None:
