@@ -246,14 +246,22 @@ class FusionClient:
 async def iterate_in_thread(iterator: Iterator[T]) -> AsyncIterator[T]:
     """Drive a blocking iterator from async code without blocking the event loop.
 
-    Each `next` runs in a worker thread; leaving the `async for` early closes the iterator (for an
-    engine stream: stops decoding and frees the engine for the next call).
+    Each `next` runs in a worker thread; leaving the `async for` early (break, error, cancel)
+    lets a running `next` finish, then closes the iterator (for an engine stream: stops decoding
+    and frees the engine for the next call).
     """
     finished = object()
+    step: asyncio.Future | None = None
     try:
-        while (item := await asyncio.to_thread(next, iterator, finished)) is not finished:
+        while True:
+            step = asyncio.ensure_future(asyncio.to_thread(next, iterator, finished))
+            item = await asyncio.shield(step)  # a cancelled consumer leaves the step running
+            if item is finished:
+                return
             yield item  # type: ignore[misc]
     finally:
+        if step is not None and not step.done():
+            await asyncio.wait([step])  # a generator cannot be closed while it runs
         close = getattr(iterator, "close", None)
         if close is not None:
             await asyncio.to_thread(close)

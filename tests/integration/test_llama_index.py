@@ -124,6 +124,23 @@ async def test_async_streams_and_chat(llm: FusedLLM) -> None:
     assert streamed[-1].message.content == chat.message.content
 
 
+async def test_cancelling_an_async_stream_frees_the_engine(llm: FusedLLM) -> None:
+    first_chunk = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in await llm.astream_complete("the city of", max_new_tokens=60):
+            first_chunk.set()
+            await asyncio.Event().wait()  # never resumes: the task is cancelled here
+
+    task = asyncio.create_task(consume())
+    await first_chunk.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    # Generous bound: a held engine lock would hang this call forever.
+    completion = await asyncio.wait_for(llm.acomplete("the river"), timeout=120)
+    assert completion.raw["usage"]["completion_tokens"] >= 1
+
+
 def test_pickling_keeps_no_weights_and_restores_the_shared_engine(llm: FusedLLM) -> None:
     data = pickle.dumps(llm)
     assert len(data) < 100_000  # the tiny weights alone are several MB
