@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import transformers
 
 from .engine import FusionEngine, Generation
-from .errors import FusionError
+from .errors import DeviceError, FusionError, RequestError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="large / expert / fused answers side by side")
     _add_request_options(demo)
     demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="time the fused decoder against its forwards")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise CUDA)")
+    bench.add_argument("--shapes", default="toy,realistic", help="comma-separated: toy, realistic")
+    bench.add_argument("--batch-sizes", default="1,8,32")
+    bench.add_argument("--experts", default="1,2,4", help="expert counts to compare")
+    bench.add_argument("--prompt-tokens", type=int, default=64)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--solver-vocabs", default="32000,151936")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md")
+    bench.set_defaults(run=_bench)
 
     try:
         from .zoo.cli import register
@@ -107,6 +120,41 @@ def _demo(args: argparse.Namespace) -> int:
             if args.trace:
                 for step, alpha in enumerate(mixed.alpha):
                     print(f"    step {step}: " + " ".join(f"{a:.3f}" for a in alpha))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import BenchSettings, markdown, run_bench, write_report
+    from .bench.families import SHAPES
+
+    def numbers(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x)
+
+    shapes = tuple(s for s in args.shapes.split(",") if s)
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or args.new_tokens < 2 or args.repeats < 1:
+        msg = f"bench needs shapes from {', '.join(SHAPES)}, --new-tokens >= 2 and --repeats >= 1"
+        raise RequestError(msg)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(
+        device=args.device,
+        shapes=shapes,
+        batch_sizes=numbers(args.batch_sizes),
+        experts=numbers(args.experts),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        solver_vocabs=numbers(args.solver_vocabs),
+    )
+    results = run_bench(settings, log=lambda line: print(line, file=sys.stderr))
+    json_path, md_path = write_report(results, args.out)
+    print(markdown(results))
+    print(f"written: {json_path}, {md_path}", file=sys.stderr)
     return 0
 
 

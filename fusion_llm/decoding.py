@@ -174,6 +174,31 @@ def build_sampler(spec: GenerationSpec) -> Callable[[Tensor, Tensor], Tensor]:
     return sample
 
 
+def stop_checker(tokenizer, stops: Sequence[str]) -> Callable[[Tensor], list[bool]]:
+    """generated ids [B, n] -> per row, whether its text now contains a stop string.
+
+    transformers' StopStringCriteria handles multi-token stops from the token table alone; for
+    tokenizers it cannot read (e.g. without a byte-level or metaspace decoder) the tail of each
+    row's text is decoded instead.
+    """
+    if not stops:
+        return lambda generated: [False] * generated.shape[0]
+    try:
+        criteria = StopStringCriteria(tokenizer, list(stops))
+    except ValueError:
+        # A stop can only complete within its last len(stop) tokens (each token is >= 1 char).
+        window = max(len(s) for s in stops) + 1
+
+        def decoded_tail(generated: Tensor) -> list[bool]:
+            texts = tokenizer.batch_decode(
+                generated[:, -window:].tolist(), skip_special_tokens=True
+            )
+            return [any(s in text for s in stops) for text in texts]
+
+        return decoded_tail
+    return lambda generated: criteria(generated, None).tolist()
+
+
 @torch.no_grad()
 def decode(
     models: ModelSet,
@@ -194,7 +219,7 @@ def decode(
     large = CacheRunner(models.large)
     pool = SmallPool(models, experts, batch) if solver is not None else None
     sample = build_sampler(spec)
-    stop = StopStringCriteria(models.large.tokenizer, spec.stop) if spec.stop else None
+    stopped_rows = stop_checker(models.large.tokenizer, spec.stop)
     device = models.large.input_device
     rows = torch.arange(batch)  # original index of each live row
     generated = torch.zeros((batch, 0), dtype=torch.long, device=device)
@@ -219,7 +244,7 @@ def decode(
 
         token_list = tokens.tolist()
         finished: dict[int, str] = {}
-        stopped = stop(generated, None).tolist() if stop is not None else [False] * len(token_list)
+        stopped = stopped_rows(generated)
         for i, token in enumerate(token_list):
             if token in eos_ids:
                 finished[i] = "eos"

@@ -1,0 +1,468 @@
+"""`fusion-llm bench`: where the time of a fused decoding step goes, measured in one process.
+
+Variants are interleaved (repeat r of every variant runs before repeat r+1 of any) so machine noise
+hits them alike; results are medians and ratios within this run. Sections:
+    1. per-step time of the engine for each mode, expert count, expert kind (full / LoRA), batch;
+    2. the step's parts measured alone: large forward, small-base forward, expert forwards,
+       alpha solve (per mode), sampling + stop bookkeeping;
+    3. baselines: transformers `generate` of the large model, and a proxy-tuning-style loop;
+    4. solver micro-benchmark on synthetic logits at real vocabulary sizes;
+    5. peak memory against weights + KV caches.
+A step time is (T(n new tokens) - T(1 new token)) / (n - 1): prefill and setup cancel out.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from .. import fusion as F
+from ..decoding import CacheRunner, SmallPool, build_sampler, stop_checker
+from ..engine import FusionEngine
+from ..models import BASE_ADAPTER
+from .baselines import hf_generate, left_padded, proxy_tuning_generate
+from .families import SHAPES, family_config, write_family
+
+MODES = ("none", "static", "paper", "dynamic")
+
+
+@dataclass
+class BenchSettings:
+    device: str = "cpu"
+    shapes: tuple[str, ...] = ("toy", "realistic")
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    experts: tuple[int, ...] = (1, 2, 4)
+    prompt_tokens: int = 64
+    new_tokens: int = 64
+    repeats: int = 3
+    solver_vocabs: tuple[int, ...] = (32_000, 151_936)
+    # On a CPU the realistic shape runs at these reduced sizes (a GPU runs the full settings).
+    cpu_realistic: dict = field(
+        default_factory=lambda: {
+            "batch_sizes": (1, 8),
+            "experts": (1,),
+            "prompt_tokens": 16,
+            "new_tokens": 8,
+        }
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of each variant's measurements, the variants taking turns."""
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        for name, measure in variants.items():
+            samples[name].append(measure())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# -- 1. engine step times ------------------------------------------------------------------------
+def engine_step(
+    engine: FusionEngine, prompts, experts, mode, new_tokens, device
+) -> Callable[[], float]:
+    def run(n: int) -> float:
+        return timed(
+            lambda: engine.generate(
+                prompts, experts=experts, mode=mode, max_new_tokens=n, ignore_eos=True
+            ),
+            device,
+        )
+
+    return lambda: (run(new_tokens) - run(1)) / (new_tokens - 1)
+
+
+def step_variants(engine, prompts_for, batches, experts, new_tokens, device) -> dict[str, Callable]:
+    variants = {}
+    for batch in batches:
+        prompts = prompts_for(batch)
+        variants[f"none|b{batch}"] = engine_step(engine, prompts, [], "none", new_tokens, device)
+        for k in experts:
+            for kind in ("full", "lora"):
+                names = [f"{kind}{i}" for i in range(k)]
+                for mode in MODES[1:]:
+                    variants[f"{mode}|{kind}|k{k}|b{batch}"] = engine_step(
+                        engine, prompts, names, mode, new_tokens, device
+                    )
+    return variants
+
+
+# -- 2. parts of a step --------------------------------------------------------------------------
+@torch.no_grad()
+def part_variants(
+    engine: FusionEngine, prompts, k: int, kind: str, device: str
+) -> dict[str, Callable]:
+    """Each part of a step for batch len(prompts) and k experts of one kind, measured alone."""
+    models = engine.models
+    batch = len(prompts)
+    names = [f"{kind}{i}" for i in range(k)]
+    peft = bool(models.lora_experts)
+    tokens = torch.zeros(batch, dtype=torch.long)
+
+    def stepper(make: Callable[[], object]) -> Callable[[], float]:
+        runner = make()
+        runner.prefill(prompts) if isinstance(runner, CacheRunner) else runner.prefill(prompts, {})
+        return lambda: timed(lambda: runner.step(tokens), device)
+
+    one_expert = (
+        (lambda: CacheRunner(models.small, [names[0]] * batch))
+        if kind == "lora"
+        else (lambda: CacheRunner(models.full_experts[names[0]]))
+    )
+    pool = SmallPool(models, names, batch)
+    pool.prefill(prompts, {})
+    small_logits, expert_logits = pool.step(tokens)
+    large_logits = CacheRunner(models.large).prefill(prompts)
+    active = torch.ones(batch, k, dtype=torch.bool, device=large_logits.device)
+    stop = stop_checker(models.large.tokenizer, ["w7 w8"])
+    sample = build_sampler(engine.config.generation)
+    generated = torch.randint(3, 100, (batch, 32), device=large_logits.device)
+    fusion = engine.config.fusion
+    parts = {
+        "large forward": stepper(lambda: CacheRunner(models.large)),
+        "small forward": stepper(
+            lambda: CacheRunner(models.small, [BASE_ADAPTER] * batch if peft else None)
+        ),
+        "one expert forward": stepper(one_expert),
+        "small + experts forward": lambda: timed(lambda: pool.step(tokens), device),
+        "sampling + stop": lambda: timed(
+            lambda: stop(torch.cat([generated, sample(large_logits, generated)[:, None]], 1)),
+            device,
+        ),
+    }
+    for mode in MODES[1:]:
+        solver = F.make_solver(
+            mode,
+            torch.ones(k),
+            fusion.alpha_min,
+            fusion.alpha_max,
+            fusion.grid_step,
+            fusion.newton_steps,
+        )
+        parts[f"solve {mode}"] = lambda solver=solver: timed(
+            lambda: F.fusion_step(large_logits, small_logits, expert_logits, active, solver), device
+        )
+    return parts
+
+
+# -- 3. baselines --------------------------------------------------------------------------------
+def baseline_variants(engine, paths, prompts, k, kind, new_tokens, device) -> dict[str, Callable]:
+    models = engine.models
+    pad = models.large.tokenizer.pad_token_id
+    token_ids = [models.large.tokenizer(p)["input_ids"] for p in prompts]
+    ids, mask = left_padded(token_ids, pad, models.large.input_device)
+    small = AutoModelForCausalLM.from_pretrained(paths["small"]).to(device).eval()
+    experts = []
+    for i in range(k):
+        if kind == "lora":
+            base = AutoModelForCausalLM.from_pretrained(paths["small"])
+            experts.append(
+                PeftModel.from_pretrained(base, paths[f"lora{i}"])
+                .merge_and_unload()
+                .to(device)
+                .eval()
+            )
+        else:
+            experts.append(
+                AutoModelForCausalLM.from_pretrained(paths[f"full{i}"]).to(device).eval()
+            )
+    large = models.large.model
+
+    def per_step(run: Callable[[int], object]) -> Callable[[], float]:
+        return lambda: (
+            (timed(lambda: run(new_tokens), device) - timed(lambda: run(1), device))
+            / (new_tokens - 1)
+        )
+
+    names = [f"{kind}{i}" for i in range(k)]
+    return {
+        "hf generate (large alone)": per_step(lambda n: hf_generate(large, ids, mask, n, pad)),
+        "proxy-tuning loop": per_step(
+            lambda n: proxy_tuning_generate(large, small, experts, ids, mask, n)
+        ),
+        "engine none": engine_step(engine, prompts, [], "none", new_tokens, device),
+        "engine static": engine_step(engine, prompts, names, "static", new_tokens, device),
+        "engine dynamic": engine_step(engine, prompts, names, "dynamic", new_tokens, device),
+    }
+
+
+# -- 4. solver -----------------------------------------------------------------------------------
+def solver_bench(vocabs, device, repeats) -> list[dict]:
+    return [
+        _solver_row(vocab, batch, k, device, repeats)
+        for vocab in vocabs
+        for batch in (1, 32)
+        for k in (1, 4)
+    ]
+
+
+def _solver_row(vocab: int, batch: int, k: int, device: str, repeats: int) -> dict:
+    """`paper` vs `dynamic` on one synthetic step: time and mean objective."""
+    gen = torch.Generator().manual_seed(vocab + batch + k)
+    large = (torch.randn(batch, vocab, generator=gen) * 3).to(device)
+    small = (torch.randn(batch, vocab, generator=gen) * 3).to(device)
+    experts = small[:, None] + torch.randn(batch, k, vocab, generator=gen).to(device)
+    large_logp, shifts = (
+        F.log_probs(large),
+        F.expert_shifts(F.log_probs(small), F.log_probs(experts)),
+    )
+    active = torch.ones(batch, k, dtype=torch.bool, device=device)
+    grid = F.alpha_grid(0.0, 2.0, 0.1, device=device)
+    solve = {
+        "paper": lambda: F.paper_alpha(large_logp, shifts, active, grid),
+        "dynamic": lambda: F.dynamic_alpha(large_logp, shifts, active),
+    }
+    times = interleaved({n: (lambda f=f: timed(f, device)) for n, f in solve.items()}, repeats)
+    objective = {
+        n: float(F.fusion_objective(large_logp, shifts, f(), active).mean())
+        for n, f in solve.items()
+    }
+    return (
+        {"vocab": vocab, "batch": batch, "experts": k}
+        | {f"{n} ms": 1e3 * t for n, t in times.items()}
+        | {f"{n} objective": v for n, v in objective.items()}
+    )
+
+
+# -- 5. memory -----------------------------------------------------------------------------------
+def memory_check(engine: FusionEngine, prompts, names, new_tokens, device) -> dict:
+    models = engine.models
+    everyone = [
+        models.large.model,
+        models.small.model,
+        *(m.model for m in models.full_experts.values()),
+    ]
+    storages = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+        for m in everyone
+        for p in m.parameters()
+    }
+    weights = sum(storages.values())
+    rows = len(prompts)
+    lora = [n for n in names if n in models.lora_experts]
+    full = [n for n in names if n in models.full_experts]
+    length = max(len(p) for p in prompts) + new_tokens
+    kv = _kv_bytes(models.large.model, rows, length) + _kv_bytes(
+        models.small.model, rows * (1 + len(lora)), length
+    )
+    kv += sum(_kv_bytes(models.full_experts[n].model, rows, length) for n in full)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        engine.generate(prompts, experts=names, max_new_tokens=new_tokens, ignore_eos=True)
+        peak, after = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        return {"weights MB": weights / 2**20, "kv MB": kv / 2**20, "peak MB": peak / 2**20,
+                "peak / (weights + kv)": peak / (weights + kv), "after request MB": after / 2**20}  # fmt: skip
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    engine.generate(prompts, experts=names, max_new_tokens=new_tokens, ignore_eos=True)
+    done.set()
+    sampler.join()
+    after = process.memory_info().rss
+    return {
+        "weights MB": weights / 2**20,
+        "kv MB": kv / 2**20,
+        "request peak growth MB": (peak - before) / 2**20,
+        "request peak growth / kv": (peak - before) / kv,
+        "rss after request - before MB": (after - before) / 2**20,
+    }
+
+
+def _kv_bytes(model, rows: int, length: int) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * rows * length * next(model.parameters()).element_size()
+
+
+# -- the whole run -------------------------------------------------------------------------------
+def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
+    results: dict = {"settings": asdict(settings), "shapes": {}}
+    results["solver"] = solver_bench(settings.solver_vocabs, settings.device, settings.repeats)
+    log(f"solver micro-benchmark: {len(results['solver'])} rows")
+    for shape_name in settings.shapes:
+        shape = SHAPES[shape_name]
+        sizes = {
+            "batch_sizes": settings.batch_sizes,
+            "experts": settings.experts,
+            "prompt_tokens": settings.prompt_tokens,
+            "new_tokens": settings.new_tokens,
+        }
+        if shape_name != "toy" and settings.device == "cpu":
+            sizes.update(settings.cpu_realistic)
+        with tempfile.TemporaryDirectory() as root:
+            results["shapes"][shape_name] = bench_shape(shape, sizes, settings, root, log)
+    return results
+
+
+def bench_shape(shape, sizes, settings: BenchSettings, root: str, log) -> dict:
+    device, repeats = settings.device, settings.repeats
+    k_max, b_max, b_min = (
+        max(sizes["experts"]),
+        max(sizes["batch_sizes"]),
+        min(sizes["batch_sizes"]),
+    )
+    paths = write_family(root, shape, k_max)
+    engine = FusionEngine(family_config(paths, k_max, device)).load()
+    prompt_len, new_tokens = sizes["prompt_tokens"], sizes["new_tokens"]
+
+    def prompts_for(batch: int) -> list[str]:
+        gen = torch.Generator().manual_seed(batch)
+        lengths = [
+            max(1, prompt_len - (i % 4)) for i in range(batch)
+        ]  # ragged: padding is exercised
+        return [
+            " ".join(f"w{int(t)}" for t in torch.randint(3, shape.vocab, (n,), generator=gen))
+            for n in lengths
+        ]
+
+    out: dict = {"vocab": shape.vocab, **sizes}
+    out["step ms"] = {
+        k: 1e3 * v
+        for k, v in interleaved(
+            step_variants(
+                engine, prompts_for, sizes["batch_sizes"], sizes["experts"], new_tokens, device
+            ),
+            repeats,
+        ).items()
+    }
+    log(f"{shape.name}: engine step times done")
+    out["parts ms"] = {}
+    for batch in sorted({b_min, b_max}):
+        for kind in ("full", "lora"):
+            for k in sorted({1, k_max}):
+                token_ids = [engine.tokenizer(p)["input_ids"] for p in prompts_for(batch)]
+                parts = part_variants(engine, token_ids, k, kind, device)
+                out["parts ms"][f"{kind}|k{k}|b{batch}"] = {
+                    n: 1e3 * v for n, v in interleaved(parts, max(repeats, 5)).items()
+                }
+    log(f"{shape.name}: step parts done")
+    out["baselines ms"] = {}
+    for batch, k in sorted({(b_max, k_max), (b_min, 1)}):
+        variants = baseline_variants(
+            engine, paths, prompts_for(batch), k, "lora", new_tokens, device
+        )
+        out["baselines ms"][f"lora|k{k}|b{batch}"] = {
+            n: 1e3 * v for n, v in interleaved(variants, repeats).items()
+        }
+    log(f"{shape.name}: baselines done")
+    names = [f"lora{i}" for i in range(k_max)]
+    out["memory"] = memory_check(engine, prompts_for(b_max), names, new_tokens, device)
+    out["targets"] = targets(out, k_max, b_min, b_max)
+    return out
+
+
+def targets(out: dict, k_max: int, b_min: int, b_max: int) -> dict[str, float]:
+    """The performance targets as ratios of this run's medians."""
+    result = {}
+    for kind in ("lora", "full"):
+        parts = out["parts ms"].get(f"{kind}|k1|b{b_min}")
+        fused = out["step ms"].get(f"dynamic|{kind}|k1|b{b_min}")
+        if parts and fused:
+            alone = parts["large forward"] + parts["small forward"] + parts["one expert forward"]
+            result[f"1. dynamic step / forwards alone ({kind}, k1, b{b_min}) <= 1.10"] = (
+                fused / alone
+            )
+    lora = out["parts ms"].get(f"lora|k{k_max}|b{b_max}")
+    if lora:
+        result[f"2. small + {k_max} LoRA experts / small forward (b{b_max}) <= 1.3"] = (
+            lora["small + experts forward"] / lora["small forward"]
+        )
+        fused = out["step ms"][f"dynamic|lora|k{k_max}|b{b_max}"]
+        result[f"3. dynamic solve / fused step (k{k_max}, b{b_max}) <= 0.03"] = (
+            lora["solve dynamic"] / fused
+        )
+    for key, row in out["baselines ms"].items():
+        result[f"4. engine none / hf generate ({key}) <= 1.1"] = (
+            row["engine none"] / row["hf generate (large alone)"]
+        )
+        result[f"5. proxy loop / engine static ({key}) >= 1.5 at b32 k4, >= 1 at b1 k1"] = (
+            row["proxy-tuning loop"] / row["engine static"]
+        )
+    return result
+
+
+# -- report --------------------------------------------------------------------------------------
+def markdown(results: dict) -> str:
+    lines = ["# fusion-llm bench", "", f"Settings: `{json.dumps(results['settings'])}`", ""]
+    lines += ["## Solver micro-benchmark (synthetic logits)", "", _table(results["solver"]), ""]
+    for name, shape in results["shapes"].items():
+        lines += [
+            f"## Shape `{name}` (vocab {shape['vocab']}, prompt {shape['prompt_tokens']}, new {shape['new_tokens']})",
+            "",
+        ]
+        lines += [
+            "### Targets (ratios of medians in this run)",
+            "",
+            "| target | measured |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v:.3f} |" for k, v in shape["targets"].items()]
+        lines += ["", "### Engine step time (ms)", "", "| variant | ms/step |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in shape["step ms"].items()]
+        for title, key in (
+            ("Parts of a step (ms, measured alone)", "parts ms"),
+            ("Baselines (ms/step)", "baselines ms"),
+        ):
+            lines += ["", f"### {title}", ""]
+            lines += [_table([{"variant": v} | row for v, row in shape[key].items()])]
+        lines += ["", "### Memory", "", "| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in shape["memory"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    header = list(rows[0])
+    body = [
+        "| "
+        + " | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in header)
+        + " |"
+        for r in rows
+    ]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body])
+
+
+def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "bench.json", out_dir / "bench.md"
+    json_path.write_text(json.dumps(results, indent=2))
+    md_path.write_text(markdown(results))
+    return json_path, md_path
