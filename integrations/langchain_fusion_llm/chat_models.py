@@ -24,13 +24,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from fusion_llm.client import (
-    NO_TOOL_TEMPLATE,
-    RoutedGeneration,
-    chat_message,
-    iterate_in_thread,
-    parse_tool_calls,
-)
+from fusion_llm.chat import NO_TOOL_TEMPLATE, chat_message, parse_tool_calls
+from fusion_llm.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.router import RoutingDecision
 

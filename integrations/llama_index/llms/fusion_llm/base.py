@@ -33,13 +33,8 @@ from llama_index.core.llms.custom import CustomLLM
 from pydantic import BaseModel, Field, model_validator
 
 from fusion_llm import FusionEngine, FusionPrompt
-from fusion_llm.client import (
-    FusionClient,
-    RoutedGeneration,
-    chat_message,
-    iterate_in_thread,
-    shared_engine,
-)
+from fusion_llm.chat import chat_message
+from fusion_llm.client import FusionClient, RoutedGeneration, iterate_in_thread, shared_engine
 from fusion_llm.engine import StreamChunk
 from fusion_llm.router import Route, RoutingDecision, choose_route
 
