@@ -20,7 +20,7 @@ from .compose import WeightComposer
 from .config import FusionConfig
 from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
 from .errors import RequestError
-from .router import Route, RoutingDecision, TaskRouter
+from .router import Route, RoutingDecision, Source, TaskRouter
 
 T = TypeVar("T")
 
@@ -126,7 +126,7 @@ class FusionClient:
     def generate(
         self,
         prompts: Sequence[str | FusionPrompt],
-        routes: Sequence[tuple[Route, str]],
+        routes: Sequence[tuple[Route, Source]],
         **overrides: Any,
     ) -> list[RoutedGeneration]:
         """Route each prompt (`routes[i]` = (route, source)), then one engine batch per expert set."""
@@ -144,7 +144,7 @@ class FusionClient:
         return results  # type: ignore[return-value]  # every row was filled
 
     def stream(
-        self, prompt: str | FusionPrompt, route: Route, source: str, **overrides: Any
+        self, prompt: str | FusionPrompt, route: Route, source: Source, **overrides: Any
     ) -> tuple[RoutingDecision, Iterator[StreamChunk]]:
         """Route one prompt and start streaming it; close the iterator to stop early."""
         prompt = prompt if isinstance(prompt, FusionPrompt) else FusionPrompt(prompt)
@@ -161,7 +161,7 @@ class FusionClient:
         return shared_engine(config), config.expert_names
 
     def _decide(
-        self, batch: Sequence[FusionPrompt], routes: Sequence[tuple[Route, str]]
+        self, batch: Sequence[FusionPrompt], routes: Sequence[tuple[Route, Source]]
     ) -> list[RoutingDecision]:
         decisions: list[RoutingDecision | None] = [None] * len(batch)
         by_route: dict[str, list[int]] = {}

@@ -51,15 +51,14 @@ class RoutingDecision:
     """The experts active for one prompt, and why."""
 
     experts: list[str]  # [] means the large model alone
-    source: str  # "call" | "metadata" | "tags" | "default": where the route came from
+    source: Source  # where the route came from
     route: Route  # the route as given ("auto", "all", "none" or task names)
-    scores: dict[str, float] = field(
-        default_factory=dict
-    )  # auto only: gain per expert (nats/token)
+    # auto only: each expert's gain over the small base, nats per prompt token
+    scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def reason(self) -> str:
-        """One line for traces, e.g. `auto via metadata: math (gain 0.41 > 0.0)`."""
+        """One line for traces, e.g. `auto via metadata: math (gains math +0.412, qa -0.050)`."""
         chosen = ", ".join(self.experts) or "large model alone"
         if not self.scores:
             return f"{_route_text(self.route)} via {self.source}: {chosen}"
@@ -146,7 +145,7 @@ class TaskRouter:
         self.max_experts = max_experts
 
     def decide(
-        self, prompts: Sequence[FusionPrompt], route: Route, source: str
+        self, prompts: Sequence[FusionPrompt], route: Route, source: Source
     ) -> list[RoutingDecision]:
         """One decision per prompt."""
         if route == "auto":
@@ -168,7 +167,7 @@ class TaskRouter:
             for row in range(len(prompts))
         ]
 
-    def _pick(self, gains: dict[str, float], source: str) -> RoutingDecision:
+    def _pick(self, gains: dict[str, float], source: Source) -> RoutingDecision:
         passing = [name for name, gain in gains.items() if gain > self.threshold]
         chosen = sorted(passing, key=lambda name: -gains[name])[
             : self.max_experts

@@ -22,7 +22,7 @@ from typing_extensions import Self
 
 from fusion_llm import FusionConfig, FusionEngine
 from fusion_llm.client import FusionClient, shared_engine
-from fusion_llm.router import Route, choose_route
+from fusion_llm.router import Route, Source, choose_route
 
 PROVIDER = "fusion_llm"
 
@@ -116,7 +116,7 @@ class FusionFields(BaseModel):
 
     def _route(
         self, kwargs: dict[str, Any], run_manager: CallbackManagerForLLMRun | None
-    ) -> tuple[Route, str]:
+    ) -> tuple[Route, Source]:
         metadata = run_manager.metadata if run_manager else None
         tags = run_manager.tags if run_manager else None
         return choose_route(kwargs, metadata, tags, self.route)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -32,11 +33,11 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import BaseModel, Field, model_validator
 
-from fusion_llm import FusionEngine, FusionPrompt
+from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
 from fusion_llm.chat import chat_message
 from fusion_llm.client import FusionClient, RoutedGeneration, iterate_in_thread, shared_engine
 from fusion_llm.engine import StreamChunk
-from fusion_llm.router import Route, RoutingDecision, choose_route
+from fusion_llm.router import Route, RoutingDecision, Source, choose_route
 
 ENGINE_KEYWORDS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 
@@ -94,9 +95,11 @@ class FusedLLM(CustomLLM):
         return cls(engine=engine, **fields)
 
     @classmethod
-    def from_config(cls, config: Any, **fields: Any) -> FusedLLM:
+    def from_config(
+        cls, config: FusionConfig | dict[str, Any] | str | Path, **fields: Any
+    ) -> FusedLLM:
         """An LLM over the shared engine of `config` (a file path, dict or FusionConfig)."""
-        path = str(config) if isinstance(config, str) else None
+        path = str(config) if isinstance(config, (str, Path)) else None
         return cls(engine=shared_engine(config), config_path=path, **fields)
 
     @classmethod
@@ -212,7 +215,7 @@ class FusedLLM(CustomLLM):
         route, source = self._route(kwargs)
         return self._client().stream(prompt, route, source, **self._overrides(kwargs))
 
-    def _route(self, kwargs: dict[str, Any]) -> tuple[Route, str]:
+    def _route(self, kwargs: dict[str, Any]) -> tuple[Route, Source]:
         return choose_route(kwargs, active_instrument_tags.get(), None, self.route)
 
     def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
