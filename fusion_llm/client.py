@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -129,17 +130,23 @@ class FusionClient:
         routes: Sequence[tuple[Route, Source]],
         **overrides: Any,
     ) -> list[RoutedGeneration]:
-        """Route each prompt (`routes[i]` = (route, source)), then one engine batch per expert set."""
+        """Route each prompt (`routes[i]` = (route, source)), then one engine call per expert set."""
         batch = [p if isinstance(p, FusionPrompt) else FusionPrompt(p) for p in prompts]
         decisions = self._decide(batch, routes)
         groups: dict[tuple[str, ...], list[int]] = {}
         for row, decision in enumerate(decisions):
             groups.setdefault(tuple(decision.experts), []).append(row)
-        results: list[RoutedGeneration | None] = [None] * len(batch)
-        for experts, rows in groups.items():
+
+        def run(experts: tuple[str, ...], rows: list[int]) -> list[Generation]:
             engine, names = self._runner(list(experts))
-            generations = engine.generate([batch[r] for r in rows], experts=names, **overrides)
-            for row, generation in zip(rows, generations, strict=False):
+            return engine.generate([batch[r] for r in rows], experts=names, **overrides)
+
+        # The groups are submitted together, so the engine can decode concurrent calls as one batch.
+        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+            futures = [(rows, pool.submit(run, experts, rows)) for experts, rows in groups.items()]
+        results: list[RoutedGeneration | None] = [None] * len(batch)
+        for rows, future in futures:
+            for row, generation in zip(rows, future.result(), strict=True):
                 results[row] = RoutedGeneration(generation, decisions[row])
         return results  # type: ignore[return-value]  # every row was filled
 
