@@ -5,7 +5,8 @@ one of the keywords
 
     "all"   every configured expert (the engine's default),
     "none"  the large model alone,
-    "auto"  the likelihood-ratio router below picks, per prompt.
+    "auto"      the likelihood-ratio router below picks, per prompt;
+    "examples"  the expert whose example prompts (`ExpertSpec.examples`) are nearest, per prompt.
 
 Explicit hints, strongest first (the first one present wins; the others are ignored):
 
@@ -23,15 +24,21 @@ per-token log-likelihood gain passes a threshold:
     gain_t = 1/(n-1) * sum_{i=2..n} [ log p_t(x_i | x_<i) - log p_S(x_i | x_<i) ]   (nats per token)
 
 Experts with gain_t > threshold are kept, best first, at most `max_experts`; none -> large alone.
+
+The example router embeds prompts with the small base itself (mean of its last hidden states,
+L2-normalised; no extra model) and picks the one expert whose mean example embedding has the
+highest cosine similarity with the prompt's.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from peft import PeftModel
 
 from .engine import FusionEngine, FusionPrompt
 from .errors import RequestError, UnknownExpertError
@@ -40,7 +47,7 @@ from .models import BASE_ADAPTER, LoadedModel
 TASKS_METADATA_KEY = "fusion_tasks"  # run metadata / instrument tag naming the route
 TASK_TAG_PREFIX = "task:"  # LangChain run tag naming one task
 CALL_KEYWORDS = ("experts", "tasks", "task")  # call keywords naming the route, strongest first
-KEYWORDS = ("all", "none", "auto")
+KEYWORDS = ("all", "none", "auto", "examples")
 
 Route = str | list[str]  # one of KEYWORDS, or task names
 Source = Literal["call", "metadata", "tags", "default"]
@@ -53,7 +60,7 @@ class RoutingDecision:
     experts: list[str]  # [] means the large model alone
     source: Source  # where the route came from
     route: Route  # the route as given ("auto", "all", "none" or task names)
-    # auto only: each expert's gain over the small base, nats per prompt token
+    # auto: each expert's gain over the small base (nats per prompt token); examples: similarity
     scores: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -62,8 +69,9 @@ class RoutingDecision:
         chosen = ", ".join(self.experts) or "large model alone"
         if not self.scores:
             return f"{_route_text(self.route)} via {self.source}: {chosen}"
-        gains = ", ".join(f"{name} {gain:+.3f}" for name, gain in self.scores.items())
-        return f"auto via {self.source}: {chosen} (gains {gains})"
+        label = "gains" if self.route == "auto" else "similarities"
+        scores = ", ".join(f"{name} {score:+.3f}" for name, score in self.scores.items())
+        return f"{self.route} via {self.source}: {chosen} ({label} {scores})"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +134,12 @@ def choose_route(
     return normalize_route(default), "default"
 
 
+# Example embeddings per engine, computed on first use (an engine's config is immutable).
+_example_centroids: weakref.WeakKeyDictionary[FusionEngine, dict[str, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 # -- the router --------------------------------------------------------------------------------
 class TaskRouter:
     """Turns a route into the experts of each prompt; `auto` scores prompts by likelihood ratio.
@@ -149,8 +163,9 @@ class TaskRouter:
     ) -> list[RoutingDecision]:
         """One decision per prompt."""
         if route == "auto":
-            gains = self.gains(prompts)
-            return [self._pick(row, source) for row in gains]
+            return [self._pick(row, source) for row in self.gains(prompts)]
+        if route == "examples":
+            return [self._nearest(row, source) for row in self.similarities(prompts)]
         experts = self._explicit_experts(route)
         return [RoutingDecision(experts, source, route) for _ in prompts]
 
@@ -167,12 +182,42 @@ class TaskRouter:
             for row in range(len(prompts))
         ]
 
+    def similarities(self, prompts: Sequence[FusionPrompt]) -> list[dict[str, float]]:
+        """Cosine similarity of each prompt to each expert's example prompts, one dict per prompt."""
+        centroids = self._example_centroids()
+        with self.engine._run_lock:  # the models are shared with generation
+            embedded = prompt_embeddings(self.engine.models.small, prompts)  # [B, H]
+        table = embedded @ torch.stack(list(centroids.values())).T  # [B, T]
+        return [
+            {name: round(float(table[row, t]), 4) for t, name in enumerate(centroids)}
+            for row in range(len(prompts))
+        ]
+
+    def _example_centroids(self) -> dict[str, torch.Tensor]:
+        """{expert: mean embedding of its examples, normalised}; computed once per engine."""
+        if self.engine not in _example_centroids:
+            specs = [e for e in self.engine.config.experts if e.examples]
+            if not specs:
+                msg = "route 'examples' needs example prompts: set `examples` on the experts in the config"
+                raise RequestError(msg)
+            with self.engine._run_lock:
+                small = self.engine.models.small
+                _example_centroids[self.engine] = {
+                    spec.name: _unit(
+                        prompt_embeddings(small, [FusionPrompt(e) for e in spec.examples]).mean(0)
+                    )
+                    for spec in specs
+                }
+        return _example_centroids[self.engine]
+
     def _pick(self, gains: dict[str, float], source: Source) -> RoutingDecision:
         passing = [name for name, gain in gains.items() if gain > self.threshold]
-        chosen = sorted(passing, key=lambda name: -gains[name])[
-            : self.max_experts
-        ]  # stable on ties
-        return RoutingDecision(chosen, source, "auto", gains)
+        chosen = sorted(passing, key=lambda name: -gains[name])  # stable on ties
+        return RoutingDecision(chosen[: self.max_experts], source, "auto", gains)
+
+    def _nearest(self, similarities: dict[str, float], source: Source) -> RoutingDecision:
+        best = max(similarities, key=similarities.get)
+        return RoutingDecision([best], source, "examples", similarities)
 
     def _explicit_experts(self, route: Route) -> list[str]:
         if route == "all":
@@ -248,21 +293,46 @@ def mean_log_likelihood(
 
     Right padding, so positions need no correction; `adapter_names` selects a LoRA adapter per row.
     """
-    device = loaded.input_device
-    width = max(len(p) for p in prompts)
-    pad = loaded.tokenizer.pad_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, : len(prompt)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _right_padded(loaded, prompts)
     extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     logits = loaded.model(input_ids=ids, attention_mask=mask, **extra).logits  # [N, L, V]
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, L-1, V]
     token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [N, L-1]
     counted = mask[:, 1:].float()  # [N, L-1]
     return (token_logp * counted).sum(-1) / counted.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def prompt_embeddings(small: LoadedModel, prompts: Sequence[FusionPrompt]) -> torch.Tensor:
+    """Mean of the small base's last hidden states over each prompt's tokens, L2-normalised [N, H]."""
+    ids, mask = _right_padded(small, [_encode(small, p.small or p.text, p) for p in prompts])
+    # A PeftModel would apply its active adapter; "__base__" rows run the small base itself.
+    extra = (
+        {"adapter_names": [BASE_ADAPTER] * len(prompts)}
+        if isinstance(small.model, PeftModel)
+        else {}
+    )
+    out = small.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra)
+    hidden = out.hidden_states[-1].float()  # [N, L, H]
+    weights = mask[..., None].float()  # [N, L, 1]
+    return _unit((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(vectors, dim=-1)
+
+
+def _right_padded(
+    loaded: LoadedModel, prompts: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each [N, L], right-padded, on the model's input device."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, : len(prompt)] = 1
+    return ids.to(loaded.input_device), mask.to(loaded.input_device)
 
 
 def _encode(loaded: LoadedModel, text: str, prompt: FusionPrompt) -> list[int]:

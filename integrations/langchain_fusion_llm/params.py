@@ -5,8 +5,9 @@ Routing precedence for one call (first present wins, see `fusion_llm.router`):
     2. run metadata `fusion_tasks`: `llm.with_config(metadata={"fusion_tasks": ["math"]})`
        (LangChain merges metadata outer-first: a caller's `fusion_tasks` overrides the step's own);
     3. run tags `task:<name>`: `llm.with_config(tags=["task:math"])`;
-    4. the `route` field: "all" (default), "none", "auto" or task names.
-A route may be "auto" at any level: the likelihood-ratio router then picks experts per prompt.
+    4. the `route` field: "all" (default), "none", "auto", "examples" or task names.
+A route may be "auto" (likelihood-ratio router) or "examples" (nearest example prompts) at any
+level: the router then picks experts per prompt.
 The LangChain cache key (`_identifying_params` + call keywords) sees levels 1 and 4 only: do not
 combine a cache with metadata- or tag-routing.
 """
@@ -37,7 +38,7 @@ class FusionFields(BaseModel):
     config_path: str | None = None
     """Fusion config file (YAML/TOML/JSON); models built from equal configs share one engine."""
     route: Route = "all"
-    """Experts when no call keyword, metadata or tag names them: "all", "none", "auto" or tasks."""
+    """Experts when no call keyword, metadata or tag names them (see the module docstring)."""
     router_threshold: float = 0.0
     """`auto` routing: minimum log-likelihood gain per prompt token (nats) to activate an expert."""
     max_experts: int | None = None

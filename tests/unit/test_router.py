@@ -32,6 +32,7 @@ PROMPTS = [
         ("all", "all"),
         ("none", "none"),
         ("auto", "auto"),
+        ("examples", "examples"),
         ("math", ["math"]),
         (" math ", ["math"]),
         ([], "none"),
@@ -151,3 +152,36 @@ def test_routing_accuracy_counts_top1_selected_and_exact(twin_engine: FusionEngi
     assert report[winners[0]] == {"top1": 1.0, "selected": 1.0, "exact": 0.0}  # all selected
     assert report["twin"]["selected"] == 1.0
     assert report["all"]["top1"] == (1.0 + (winners[1] == "twin")) / 2
+
+
+@pytest.fixture(scope="module")
+def example_engine(tiny_family) -> FusionEngine:
+    """Experts with example prompts: `full` for places, `lora_a` for sums; `lora_b` has none."""
+    config = family_config(tiny_family, experts=("lora_a", "lora_b", "full"))
+    examples = {
+        "full": [PROMPTS[0].text, "the river Tiber is in Rome"],
+        "lora_a": [PROMPTS[1].text],
+    }
+    for expert in config["experts"]:
+        expert["examples"] = examples.get(expert["name"], [])
+    return FusionEngine(config)
+
+
+def test_examples_route_picks_the_expert_with_the_nearest_examples(example_engine) -> None:
+    decisions = TaskRouter(example_engine).decide(PROMPTS[1:], "examples", "metadata")
+    (decision,) = decisions
+    assert decision.experts == ["lora_a"]  # the prompt is lora_a's only example
+    assert decision.scores["lora_a"] == pytest.approx(1.0, abs=1e-4)
+    assert set(decision.scores) == {"full", "lora_a"}  # experts without examples are not scored
+    assert decision.reason.startswith("examples via metadata: lora_a (similarities")
+
+
+def test_example_similarities_do_not_depend_on_batch_padding(example_engine) -> None:
+    router = TaskRouter(example_engine)
+    together = router.similarities(PROMPTS)
+    assert together == [pytest.approx(router.similarities([p])[0], abs=1e-3) for p in PROMPTS]
+
+
+def test_examples_route_without_examples_is_a_request_error(twin_engine) -> None:
+    with pytest.raises(RequestError, match="set `examples` on the experts"):
+        TaskRouter(twin_engine).decide(PROMPTS, "examples", "call")

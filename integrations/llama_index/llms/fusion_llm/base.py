@@ -4,7 +4,7 @@ Routing for one call (first present wins, see `fusion_llm.router`):
     1. call keywords: `llm.complete(prompt, tasks=["math"])`, `experts=[...]` or `task="math"`;
     2. instrument tags: `with instrument_tags({"fusion_tasks": ["math"]}): query_engine.query(q)`
        (the way to route through a query engine, which passes no keywords to the LLM);
-    3. the `route` field: "all" (default), "none", "auto" or task names.
+    3. the `route` field: "all" (default), "none", "auto", "examples" or task names.
 
 For RAG, let LlamaIndex count tokens as the model does: `Settings.tokenizer = llm.engine.tokenizer.encode`.
 """
@@ -54,7 +54,7 @@ class FusedLLM(CustomLLM):
     config_path: str | None = None
     """Fusion config file (YAML/TOML/JSON); LLMs built from equal configs share one engine."""
     route: Route = "all"
-    """Experts when no call keyword or instrument tag names them: "all", "none", "auto" or tasks."""
+    """Experts when no call keyword or instrument tag names them (see the module docstring)."""
     router_threshold: float = 0.0
     """`auto` routing: minimum log-likelihood gain per prompt token (nats) to activate an expert."""
     max_experts: int | None = None
