@@ -135,6 +135,15 @@ class GenerationSpec(_Spec):
             raise RequestError(_describe(err, "request")) from None
 
 
+class BatchingSpec(_Spec):
+    """How concurrent requests are gathered into shared decoding batches."""
+
+    window_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long the decoder waits for more requests to batch."
+    )
+    max_rows: int = Field(64, ge=1, description="Most prompts decoded together in one batch.")
+
+
 class FusionConfig(_Spec):
     """The whole engine: large base, small base, experts, fusion and generation defaults."""
 
@@ -143,6 +152,7 @@ class FusionConfig(_Spec):
     experts: list[ExpertSpec] = Field(default_factory=list)
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
 
     @field_validator("experts")
     @classmethod

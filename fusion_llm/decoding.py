@@ -199,39 +199,49 @@ def stop_checker(tokenizer, stops: Sequence[str]) -> Callable[[Tensor], list[boo
     return lambda generated: criteria(generated, None).tolist()
 
 
+@dataclass
+class DecodeBatch:
+    """Rows to decode together: prompts per model, experts, and each row's budget and stops."""
+
+    prompts: PromptBatch
+    experts: list[str]
+    max_new_tokens: list[int]
+    stops: list[tuple[str, ...]]
+    active: Tensor | None = None  # [B, T] which experts fuse in each row; None: all of them
+
+
 @torch.no_grad()
 def decode(
     models: ModelSet,
-    prompts: PromptBatch,
-    experts: Sequence[str],
+    batch: DecodeBatch,
     solver: AlphaSolver | None,
-    spec: GenerationSpec,
+    sampling: GenerationSpec,
     eos_ids: set[int],
-    active: Tensor | None = None,
+    cancelled: set[int] | None = None,
 ) -> Iterator[Step]:
     """Generate for every row in lock step; yields one `Step` per decoding step.
 
-    `solver(large_logp, shifts, active) -> alpha` picks alpha; `solver=None` runs the large model alone
-    (no small forward at all). `active` ([B, T], default all True) says which experts fuse in each row.
+    `solver(large_logp, shifts, active) -> alpha` picks alpha; `solver=None` runs the large model
+    alone (no small forward at all). `sampling` gives temperature / top-k / top-p / seed for all
+    rows. Rows whose index is added to `cancelled` leave at the next step (reason "cancelled").
     """
-    batch = len(prompts.large)
+    size = len(batch.prompts.large)
     vocab = models.vocab_size
-    large = CacheRunner(models.large)
-    pool = SmallPool(models, experts, batch) if solver is not None else None
-    sample = build_sampler(spec)
-    stopped_rows = stop_checker(models.large.tokenizer, spec.stop)
     device = models.large.input_device
-    rows = torch.arange(batch)  # original index of each live row
-    generated = torch.zeros((batch, 0), dtype=torch.long, device=device)
-    if active is None:
-        active = torch.ones((batch, len(experts)), dtype=torch.bool)
-    active = active.to(device)
+    large = CacheRunner(models.large)
+    pool = SmallPool(models, batch.experts, size) if solver is not None else None
+    sample = build_sampler(sampling)
+    checkers = {s: stop_checker(models.large.tokenizer, s) for s in set(batch.stops)}
+    rows = torch.arange(size)  # original index of each live row
+    generated = torch.zeros((size, 0), dtype=torch.long, device=device)
+    active = batch.active if batch.active is not None else torch.ones(size, len(batch.experts))
+    active = active.to(device=device, dtype=torch.bool)
+    cancelled = cancelled if cancelled is not None else set()
 
-    large_logits = large.prefill(prompts.large)
-    small_logits, expert_logits = (
-        pool.prefill(prompts.small, prompts.experts) if pool else (None, None)
-    )
-    for count in range(1, spec.max_new_tokens + 1):
+    large_logits = large.prefill(batch.prompts.large)
+    if pool is not None:
+        small_logits, expert_logits = pool.prefill(batch.prompts.small, batch.prompts.experts)
+    for count in range(1, max(batch.max_new_tokens) + 1):
         fused: FusedStep = fusion_step(
             large_logits[:, :vocab],
             None if pool is None else small_logits[:, :vocab].to(device),
@@ -242,27 +252,31 @@ def decode(
         tokens = sample(fused.logits, generated)
         generated = torch.cat([generated, tokens[:, None]], dim=-1)
 
+        live = rows.tolist()
         token_list = tokens.tolist()
+        stopped = _stopped(checkers, generated, [batch.stops[r] for r in live])
         finished: dict[int, str] = {}
-        stopped = stopped_rows(generated)
-        for i, token in enumerate(token_list):
-            if token in eos_ids:
+        for i, (row, token) in enumerate(zip(live, token_list, strict=True)):
+            if row in cancelled:
+                finished[i] = "cancelled"
+            elif token in eos_ids:
                 finished[i] = "eos"
             elif stopped[i]:
                 finished[i] = "stop"
-            elif count == spec.max_new_tokens:
+            elif count >= batch.max_new_tokens[row]:
                 finished[i] = "length"
         yield Step(
-            rows=rows.tolist(),
+            rows=live,
             tokens=token_list,
             alpha=fused.alpha.cpu(),
             fallback=fused.fallback.tolist(),
-            finished={int(rows[i]): reason for i, reason in finished.items()},
+            finished={live[i]: reason for i, reason in finished.items()},
         )
-        if len(finished) == len(token_list):
+        if len(finished) == len(live):
             return
         if finished:
-            keep = torch.tensor([i for i in range(len(token_list)) if i not in finished])
+            # Finished rows leave every cache: they cost nothing from the next step on.
+            keep = torch.tensor([i for i in range(len(live)) if i not in finished])
             rows = rows[keep]
             tokens, generated, active = (t[keep.to(device)] for t in (tokens, generated, active))
             large.keep(keep)
@@ -271,3 +285,15 @@ def decode(
         large_logits = large.step(tokens)
         if pool is not None:
             small_logits, expert_logits = pool.step(tokens)
+
+
+def _stopped(checkers, generated: Tensor, stops: list[tuple[str, ...]]) -> list[bool]:
+    """Per live row, whether its own stop strings now occur; one check per distinct stop list."""
+    result = [False] * len(stops)
+    for key, check in checkers.items():
+        positions = [i for i, s in enumerate(stops) if s == key]
+        if key and positions:
+            index = torch.tensor(positions, device=generated.device)
+            for i, hit in zip(positions, check(generated[index]), strict=True):
+                result[i] = hit
+    return result

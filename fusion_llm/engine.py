@@ -1,7 +1,8 @@
 """FusionEngine: the public entry point. Validates requests, tokenizes, decodes, assembles results.
 
-Constructing an engine is cheap: models load on first use, once. Calls are serialised by a lock
-around the decoder, so concurrent callers never share caches.
+Constructing an engine is cheap: models load on first use, once. Every call goes to one decoder
+thread (`batcher.MicroBatcher`) that gathers concurrent calls into shared batches: callers never
+share caches or interleave on them, and each gets exactly the rows it asked for.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
+from .batcher import DONE, MicroBatcher, Request
 from .config import FusionConfig, FusionMode, GenerationSpec
-from .decoding import PromptBatch, decode
+from .decoding import PromptBatch
 from .errors import ContextWindowError, RequestError, UnknownExpertError
 from .fusion import AlphaSolver, make_solver
 from .models import LoadedModel, ModelSet, load_models
@@ -81,32 +83,20 @@ class StreamChunk:
     generation: Generation | None = None
 
 
-@dataclass
-class _Request:
-    """A validated, tokenized request, ready to decode."""
-
-    tokens: PromptBatch
-    experts: list[str]
-    mode: str
-    solver: AlphaSolver | None
-    spec: GenerationSpec
-    eos_ids: set[int]
-
-
 class _RowResult:
     """What one row has produced so far: tokens, alpha trace, fallbacks, text."""
 
-    def __init__(self, tokenizer, request: _Request):
+    def __init__(self, tokenizer, request: Request):
         self.request = request
         self.text = IncrementalText(tokenizer, request.spec.stop, request.eos_ids)
         self.alpha: list[list[float]] = []
         self.fallback_steps: list[int] = []
 
-    def add(self, token: int, alpha: torch.Tensor, fallback: bool, stream: bool) -> str:
+    def add(self, token: int, alpha: list[float], fallback: bool, stream: bool) -> str:
         """Record one token; the text delta is decoded only when streaming."""
         if fallback:
             self.fallback_steps.append(len(self.alpha))
-        self.alpha.append([round(a, 4) for a in alpha.tolist()])
+        self.alpha.append([round(a, 4) for a in alpha])
         return self.text.push(token) if stream else self.text.append(token)
 
     def finish(self, reason: str, row: int) -> tuple[str, Generation]:
@@ -134,7 +124,17 @@ class FusionEngine:
         self.config = FusionConfig.load(config)
         self._models: ModelSet | None = None
         self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()
+        # Held while the models run (decoding, or a router scoring prompts): peft's per-row
+        # adapter selection installs hooks for the length of a forward, so forwards must not overlap.
+        self._run_lock = threading.RLock()
+        batching = self.config.batching
+        self._batcher = MicroBatcher(
+            lambda: self.models,
+            self._solver_for,
+            self._run_lock,
+            batching.window_ms / 1000,
+            batching.max_rows,
+        )
 
     # -- loading -------------------------------------------------------------------------------
     @property
@@ -202,7 +202,7 @@ class FusionEngine:
         """
         return self._run(self._prepare(prompts, experts, mode, overrides), stream=True)
 
-    def _prepare(self, prompts, experts, mode, overrides) -> _Request:
+    def _prepare(self, prompts, experts, mode, overrides) -> Request:
         """Validate and tokenize a request; raises typed errors before any decoding."""
         batch = _as_prompts(prompts)
         spec = self.config.generation.updated(**overrides)
@@ -210,37 +210,38 @@ class FusionEngine:
         mode = self._resolve_mode(mode, chosen)
         if mode == "none":
             chosen = []
+        eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
+        return Request(self._tokenize(batch, chosen, spec), chosen, mode, spec, eos_ids)
+
+    def _solver_for(self, mode: str, experts: list[str]) -> AlphaSolver | None:
         fusion = self.config.fusion
-        solver = make_solver(
+        return make_solver(
             mode,
-            torch.tensor([self._expert_spec(e).alpha for e in chosen]),
+            torch.tensor([self._expert_spec(e).alpha for e in experts]),
             fusion.alpha_min,
             fusion.alpha_max,
             fusion.grid_step,
             fusion.newton_steps,
         )
-        eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
-        return _Request(self._tokenize(batch, chosen, spec), chosen, mode, solver, spec, eos_ids)
 
-    def _run(self, request: _Request, stream: bool) -> Iterator[StreamChunk]:
-        rows = [_RowResult(self.models.large.tokenizer, request) for _ in request.tokens.large]
-        with self._run_lock:
-            steps = decode(
-                self.models, request.tokens, request.experts, request.solver, request.spec,
-                request.eos_ids,
-            )  # fmt: skip
-            try:
-                for step in steps:
-                    for i, row in enumerate(step.rows):
-                        result = rows[row]
-                        delta = result.add(step.tokens[i], step.alpha[i], step.fallback[i], stream)
-                        if row in step.finished:
-                            tail, generation = result.finish(step.finished[row], row)
-                            yield StreamChunk(row, delta + tail, generation)
-                        elif delta:
-                            yield StreamChunk(row, delta)
-            finally:
-                steps.close()
+    def _run(self, request: Request, stream: bool) -> Iterator[StreamChunk]:
+        """Submit to the micro-batcher and turn its row events into chunks; leaving cancels."""
+        ticket = self._batcher.submit(request)
+        rows = [_RowResult(self.models.large.tokenizer, request) for _ in range(request.rows)]
+        try:
+            while (events := ticket.events.get()) is not DONE:
+                if isinstance(events, BaseException):
+                    raise events
+                for event in events:
+                    result = rows[event.row]
+                    delta = result.add(event.token, event.alpha, event.fallback, stream)
+                    if event.finished is not None:
+                        tail, generation = result.finish(event.finished, event.row)
+                        yield StreamChunk(event.row, delta + tail, generation)
+                    elif delta:
+                        yield StreamChunk(event.row, delta)
+        finally:
+            ticket.cancelled.set()
 
     # -- chat ----------------------------------------------------------------------------------
     def render_chat(
