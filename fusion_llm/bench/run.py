@@ -7,7 +7,8 @@ hits them alike; results are medians and ratios within this run. Sections:
        alpha solve (per mode), sampling + stop bookkeeping;
     3. baselines: transformers `generate` of the large model, and a proxy-tuning-style loop;
     4. solver micro-benchmark on synthetic logits at real vocabulary sizes;
-    5. peak memory against weights + KV caches.
+    5. 32 concurrent single-prompt calls (threads, asyncio) against the same calls in a row;
+    6. peak memory against weights + KV caches.
 A step time is (T(n new tokens) - T(1 new token)) / (n - 1): prefill and setup cancel out.
 """
 
@@ -248,7 +249,50 @@ def _solver_row(vocab: int, batch: int, k: int, device: str, repeats: int) -> di
     )
 
 
-# -- 5. memory -----------------------------------------------------------------------------------
+# -- 5. concurrency ------------------------------------------------------------------------------
+def concurrency_check(
+    engine: FusionEngine, prompts: list[str], names, new_tokens: int, device: str
+) -> dict:
+    """Single-prompt calls from many threads / asyncio tasks at once vs the same calls in a row."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(prompt: str):
+        return engine.generate(prompt, experts=names, max_new_tokens=new_tokens, ignore_eos=True)[
+            0
+        ].token_ids
+
+    outputs: dict[str, list] = {}
+
+    def one_by_one() -> None:
+        outputs["sequential"] = [call(p) for p in prompts]
+
+    def threads() -> None:
+        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            outputs["threads"] = list(pool.map(call, prompts))
+
+    async def tasks() -> list:
+        return list(await asyncio.gather(*(asyncio.to_thread(call, p) for p in prompts)))
+
+    def event_loop() -> None:
+        outputs["asyncio"] = asyncio.run(tasks())
+
+    times = {
+        name: timed(fn, device)
+        for name, fn in (("sequential", one_by_one), ("threads", threads), ("asyncio", event_loop))
+    }
+    return {
+        "calls": len(prompts),
+        "sequential s": times["sequential"],
+        "threads s": times["threads"],
+        "asyncio s": times["asyncio"],
+        "threads speed-up": times["sequential"] / times["threads"],
+        "asyncio speed-up": times["sequential"] / times["asyncio"],
+        "identical outputs": outputs["threads"] == outputs["sequential"] == outputs["asyncio"],
+    }
+
+
+# -- 6. memory -----------------------------------------------------------------------------------
 def memory_check(engine: FusionEngine, prompts, names, new_tokens, device) -> dict:
     models = engine.models
     everyone = [
@@ -381,6 +425,10 @@ def bench_shape(shape, sizes, settings: BenchSettings, root: str, log) -> dict:
         }
     log(f"{shape.name}: baselines done")
     names = [f"lora{i}" for i in range(k_max)]
+    out["concurrency"] = concurrency_check(
+        engine, prompts_for(32)[:32], names[:1], new_tokens, device
+    )
+    log(f"{shape.name}: concurrency done")
     out["memory"] = memory_check(engine, prompts_for(b_max), names, new_tokens, device)
     out["targets"] = targets(out, k_max, b_min, b_max)
     return out
@@ -406,6 +454,12 @@ def targets(out: dict, k_max: int, b_min: int, b_max: int) -> dict[str, float]:
         result[f"3. dynamic solve / fused step (k{k_max}, b{b_max}) <= 0.03"] = (
             lora["solve dynamic"] / fused
         )
+    result["6. concurrent / sequential throughput, 32 calls (threads) >= 4"] = out["concurrency"][
+        "threads speed-up"
+    ]
+    result["6. concurrent / sequential throughput, 32 calls (asyncio) >= 4"] = out["concurrency"][
+        "asyncio speed-up"
+    ]
     for key, row in out["baselines ms"].items():
         result[f"4. engine none / hf generate ({key}) <= 1.1"] = (
             row["engine none"] / row["hf generate (large alone)"]
@@ -440,6 +494,17 @@ def markdown(results: dict) -> str:
         ):
             lines += ["", f"### {title}", ""]
             lines += [_table([{"variant": v} | row for v, row in shape[key].items()])]
+        lines += [
+            "",
+            "### Concurrency (32 single-prompt calls, k=1 LoRA)",
+            "",
+            "| quantity | value |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in shape["concurrency"].items()
+        ]
         lines += ["", "### Memory", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in shape["memory"].items()]
         lines.append("")
