@@ -35,7 +35,7 @@ def test_merge_keeps_each_tensor_dtype() -> None:
 
 
 @pytest.fixture
-def engine(tiny_family) -> FusionEngine:
+def merge_engine(tiny_family) -> FusionEngine:
     """A fresh engine (merging edits its LoRA model), with `twin`: the small base as a full expert."""
     config = family_config(tiny_family, experts=("lora_a", "lora_b", "full"))
     config["experts"].append({"name": "twin", "path": str(tiny_family["small"]), "kind": "full"})
@@ -43,34 +43,35 @@ def engine(tiny_family) -> FusionEngine:
     return FusionEngine(config)
 
 
-def test_merged_lora_update_is_the_weighted_sum_of_updates(engine: FusionEngine) -> None:
-    model = engine.models.small.model
+def test_merged_lora_update_is_the_weighted_sum_of_updates(merge_engine: FusionEngine) -> None:
+    model = merge_engine.models.small.model
     merge_lora_adapters(model, ["lora_a", "lora_b"], [0.5, 2.0], "ab")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     expected = 0.5 * layer.get_delta_weight("lora_a") + 2.0 * layer.get_delta_weight("lora_b")
     assert torch.allclose(layer.get_delta_weight("ab"), expected, atol=1e-6)
 
 
-def test_lora_set_is_written_once_as_one_adapter(engine: FusionEngine, tmp_path) -> None:
-    composer = WeightComposer(engine, tmp_path)
+def test_lora_set_is_written_once_as_one_adapter(merge_engine: FusionEngine, tmp_path) -> None:
+    composer = WeightComposer(merge_engine, tmp_path)
     config = composer.config_for(["lora_a", "lora_b"])
     (merged,) = config.experts
     assert (merged.name, merged.kind) == ("lora_a__lora_b", "lora")
-    assert config.large == engine.config.large and config.small == engine.config.small
+    assert config.large == merge_engine.config.large and config.small == merge_engine.config.small
     written = sorted(p.name for p in tmp_path.iterdir())
     assert composer.config_for(["lora_a", "lora_b"]) == config
     assert sorted(p.name for p in tmp_path.iterdir()) == written == [merged.path.split("/")[-1]]
-    assert "lora_a__lora_b" not in engine.models.small.model.peft_config  # the engine is unchanged
+    engine_adapters = merge_engine.models.small.model.peft_config
+    assert "lora_a__lora_b" not in engine_adapters  # the engine's own model is unchanged
     generation = FusionEngine(config).generate("the city", experts=["lora_a__lora_b"])[0]
     assert generation.experts == ["lora_a__lora_b"]
 
 
 def test_full_merge_with_an_unchanged_expert_is_the_other_expert(
-    engine: FusionEngine, tmp_path
+    merge_engine: FusionEngine, tmp_path
 ) -> None:
-    (merged,) = WeightComposer(engine, tmp_path).config_for(["full", "twin"]).experts
+    (merged,) = WeightComposer(merge_engine, tmp_path).config_for(["full", "twin"]).experts
     merged_weights = load_file(f"{merged.path}/model.safetensors")
-    full = engine.models.full_experts["full"].model.state_dict()
+    full = merge_engine.models.full_experts["full"].model.state_dict()
     for key, value in merged_weights.items():
         assert torch.allclose(value, full[key], atol=1e-6), key
 
@@ -83,6 +84,8 @@ def test_full_merge_with_an_unchanged_expert_is_the_other_expert(
         (["lora_a", "full"], "LoRA and full"),
     ],
 )
-def test_invalid_sets_are_request_errors(engine: FusionEngine, tmp_path, experts, message) -> None:
+def test_invalid_sets_are_request_errors(
+    merge_engine: FusionEngine, tmp_path, experts, message
+) -> None:
     with pytest.raises(RequestError, match=message):
-        WeightComposer(engine, tmp_path).config_for(experts)
+        WeightComposer(merge_engine, tmp_path).config_for(experts)
