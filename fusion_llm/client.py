@@ -25,7 +25,7 @@ from .router import Route, RoutingDecision, Source, TaskRouter
 
 T = TypeVar("T")
 
-COMPOSE_MODES = ("logits", "weights")
+COMPOSE_MODES = ("logits", "weights", "both")
 
 _engines: dict[str, FusionEngine] = {}
 _engines_lock = threading.Lock()
@@ -77,8 +77,9 @@ class FusionClient:
     """Routed generation over one engine: the work behind both adapters.
 
     `compose`: how several active experts combine: "logits" (joint dynamic alpha over the experts,
-    the engine's fusion) or "weights" (one expert merged by task arithmetic, see `compose.py`,
-    written under `compose_dir`, default a folder in the temp directory).
+    the engine's fusion), "weights" (one expert merged by task arithmetic, see `compose.py`,
+    written under `compose_dir`, default a folder in the temp directory) or "both" (the experts
+    and their merge, fused by joint alpha).
     """
 
     def __init__(
@@ -165,7 +166,8 @@ class FusionClient:
             return self.engine, experts
         composer = WeightComposer(self.engine, self.compose_dir)
         config = composer.config_for(experts)
-        return shared_engine(config), config.expert_names
+        merged = config.expert_names[-1]
+        return shared_engine(config), [merged] if self.compose == "weights" else [*experts, merged]
 
     def _decide(
         self, batch: Sequence[FusionPrompt], routes: Sequence[tuple[Route, Source]]

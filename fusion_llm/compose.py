@@ -8,7 +8,8 @@ the small base: theta_t - theta_S = B_t A_t * scale_t, and peft's `add_weighted_
 sum_t lambda_t B_t A_t * scale_t. A set mixing LoRA and full experts is not merged (no common form).
 
 The engine runs only the experts its config names, so a merged expert is written to disk once per
-expert set (`WeightComposer.config_for`) and run by an engine over a config whose only expert it is.
+expert set (`WeightComposer.config_for`) and run by an engine over a config with the set's experts
+and the merged one (last).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def merged_expert_name(experts: Sequence[str]) -> str:
 class WeightComposer:
     """Merged experts of one engine, written under `folder` once per expert set.
 
-    `config_for(experts)` is the engine config whose only expert is the merged one; engines built
+    `config_for(experts)` is the engine config with those experts and, last, the merged one; engines built
     from equal configs are shared (`fusion_llm.client.shared_engine`), so each set loads once.
     """
 
@@ -102,7 +103,7 @@ class WeightComposer:
                 self._write(experts, lambdas, name, target)
         kind = "lora" if (target / "adapter_config.json").exists() else "full"
         merged = ExpertSpec(name=name, path=str(target), kind=kind, device=config.small.device)
-        return config.model_copy(update={"experts": [merged]})
+        return config.model_copy(update={"experts": [*(specs[e] for e in experts), merged]})
 
     def _write(self, experts: Sequence[str], lambdas: list[float], name: str, target: Path) -> None:
         models = self.engine.models

@@ -249,6 +249,9 @@ def test_weight_composition_runs_one_merged_expert(tiny_config: str, tmp_path: P
     assert message.response_metadata["experts"] == ["lora_a__lora_b"]
     streamed = list(chat.bind(tasks=["lora_a", "lora_b"]).stream("the city"))
     assert "".join(c.content for c in streamed) == message.content
+    both = ChatFusedLLM(config_path=tiny_config, compose="both", compose_dir=str(tmp_path))
+    message = both.bind(tasks=["lora_a", "lora_b"]).invoke("the city")
+    assert message.response_metadata["experts"] == ["lora_a", "lora_b", "lora_a__lora_b"]
 
 
 def test_unknown_task_is_an_actionable_error(chat: ChatFusedLLM) -> None:

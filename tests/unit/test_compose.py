@@ -54,7 +54,8 @@ def test_merged_lora_update_is_the_weighted_sum_of_updates(merge_engine: FusionE
 def test_lora_set_is_written_once_as_one_adapter(merge_engine: FusionEngine, tmp_path) -> None:
     composer = WeightComposer(merge_engine, tmp_path)
     config = composer.config_for(["lora_a", "lora_b"])
-    (merged,) = config.experts
+    *originals, merged = config.experts
+    assert [e.name for e in originals] == ["lora_a", "lora_b"]
     assert (merged.name, merged.kind) == ("lora_a__lora_b", "lora")
     assert config.large == merge_engine.config.large and config.small == merge_engine.config.small
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -69,7 +70,7 @@ def test_lora_set_is_written_once_as_one_adapter(merge_engine: FusionEngine, tmp
 def test_full_merge_with_an_unchanged_expert_is_the_other_expert(
     merge_engine: FusionEngine, tmp_path
 ) -> None:
-    (merged,) = WeightComposer(merge_engine, tmp_path).config_for(["full", "twin"]).experts
+    merged = WeightComposer(merge_engine, tmp_path).config_for(["full", "twin"]).experts[-1]
     merged_weights = load_file(f"{merged.path}/model.safetensors")
     full = merge_engine.models.full_experts["full"].model.state_dict()
     for key, value in merged_weights.items():

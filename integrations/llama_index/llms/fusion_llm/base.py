@@ -60,7 +60,7 @@ class FusedLLM(CustomLLM):
     max_experts: int | None = None
     """`auto` routing: keep at most this many experts per prompt (None: no limit)."""
     compose: str = "logits"
-    """Several active experts combine by "logits" (joint dynamic alpha) or "weights" (merged)."""
+    """Several active experts combine by "logits" (joint alpha), "weights" (merged) or "both"."""
     compose_dir: str | None = None
     """Where merged experts are written under compose="weights" (None: the temp directory)."""
     mode: str | None = None
