@@ -1,15 +1,15 @@
 """Sizes and step counts of a zoo build: `full` (the shipped family) and `toy` (a smoke test).
 
 Why the full numbers are what they are (measured on this 2-core CPU, one thread, batch 16 x 128
-tokens, 20-step timing runs): large 1970 tok/s, mid 4850 tok/s, small 12600 tok/s. A pass over the
-corpus is ~150 k tokens, so `full` pretraining gives each base ~3.3 M tokens (~22 passes, each fact
-seen ~35 times in varied forms): large ~28 min, mid ~11 min, small ~5 min; the fine-tunes ~7 min and
-the large baselines ~16 min, all inside the issue's 2-hour limit on one thread.
-"""
+tokens, 20-step timing runs): large (7.0 M params) 1970 tok/s, mid (2.2 M) 4850 tok/s, small
+(0.64 M) 12600 tok/s. A corpus pass is ~140 k tokens, so 1600 steps (3.3 M tokens, ~24 passes, each
+fact seen ~40 times in varied forms) take ~28 / 11 / 5 min alone; with a test suite sharing the
+machine the first full build took 35 / 13 / 7 min. Fine-tunes add ~10 min and the large baselines
+~20 min: inside the issue's 2-hour limit on one thread."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,6 @@ class Scale:
     lora_rank: int = 16
     batch_size: int = 16
     seq_len: int = 128
-    baselines: tuple[str, ...] = field(
-        default=("large",)
-    )  # bases trained as baselines, not shipped
 
 
 SCALES = {
