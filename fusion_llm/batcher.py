@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GenerationSpec
-from .decoding import DecodeBatch, PromptBatch, decode
+from .decoding import GREEDY_TEMPERATURE, DecodeBatch, PromptBatch, decode
 from .errors import DeviceError
 from .fusion import AlphaSolver
 from .models import ModelSet
@@ -33,10 +33,11 @@ class Request:
     """A validated, tokenized request."""
 
     tokens: PromptBatch
-    experts: list[str]
+    experts: list[str]  # every expert some row uses, in a fixed order
     mode: str
     spec: GenerationSpec
     eos_ids: set[int]
+    row_experts: list[list[str]]  # each row's experts (a subset of `experts`)
 
     @property
     def rows(self) -> int:
@@ -45,7 +46,7 @@ class Request:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a batch."""
         sampling = (self.spec.temperature, self.spec.top_k, self.spec.top_p, self.spec.seed)
-        alone = id(self) if self.spec.temperature > 0 else None
+        alone = id(self) if self.spec.temperature >= GREEDY_TEMPERATURE else None
         return (self.mode, sampling, frozenset(self.eos_ids), alone)
 
 
@@ -165,14 +166,15 @@ class MicroBatcher:
     def _decode(self, group: list[Ticket]) -> None:
         first = group[0].request
         experts = list(dict.fromkeys(e for t in group for e in t.request.experts))
-        owner, offsets, columns = [], [], []
+        owner, offsets, row_columns = [], [], []
         active_rows, prompts = [], PromptBatch([], [], {})
         for ticket in group:
             request = ticket.request
             offsets.append(len(owner))
             owner += [ticket] * request.rows
-            columns.append([experts.index(e) for e in request.experts])
-            active_rows += [[e in request.experts for e in experts]] * request.rows
+            for names in request.row_experts:
+                row_columns.append([experts.index(e) for e in names])
+                active_rows.append([e in names for e in experts])
             prompts.large += request.tokens.large
             prompts.small += request.tokens.small
         for name in {n for t in group for n in t.request.tokens.experts}:
@@ -204,7 +206,7 @@ class MicroBatcher:
                 for i, row in enumerate(step.rows):
                     ticket = owner[row]
                     k = index[id(ticket)]
-                    alpha = step.alpha[i, columns[k]].tolist() if columns[k] else []
+                    alpha = step.alpha[i, row_columns[row]].tolist() if row_columns[row] else []
                     event = RowEvent(
                         row - offsets[k],
                         step.tokens[i],

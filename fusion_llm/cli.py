@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 import transformers
@@ -17,11 +18,24 @@ from .engine import FusionEngine, Generation
 from .errors import DeviceError, FusionError, RequestError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()  # keep stdout for results
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed
+        return int(exit_.code or 0)
+    # Results go to stdout, errors as one line to stderr: no progress bars, library notices.
+    transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.run(args)
     except FusionError as err:
@@ -30,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusion-llm", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser = _Parser(prog="fusion-llm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
     generate = commands.add_parser("generate", help="generate text for one or more prompts")
     generate.add_argument("prompts", nargs="+", metavar="PROMPT")

@@ -110,7 +110,7 @@ class WeightComposer:
         lora = [e in models.lora_experts for e in experts]
         if all(lora):
             # The small PeftModel is shared with generation: hold the engine's lock while editing it.
-            with self.engine._run_lock:
+            with self.engine.exclusive():
                 peft_model = models.small.model
                 merge_lora_adapters(peft_model, experts, lambdas, name)
                 staging = target.parent / f".{target.name}"

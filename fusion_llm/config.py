@@ -106,7 +106,7 @@ class GenerationSpec(_Spec):
     """Decoding settings; every field can be overridden per request."""
 
     max_new_tokens: int = Field(128, gt=0, le=MAX_NEW_TOKENS_LIMIT)
-    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    temperature: float = Field(0.0, ge=0, description="0 (or below 1e-5) means greedy decoding.")
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, description="Seed of the sampler; fixed seed, same output.")

@@ -23,6 +23,7 @@ from .fusion import AlphaSolver, FusedStep, fusion_step
 from .models import BASE_ADAPTER, LoadedModel, ModelSet
 
 Tensor = torch.Tensor
+GREEDY_TEMPERATURE = 1e-5
 
 
 class CacheRunner:
@@ -153,8 +154,9 @@ class Step:
 
 
 def build_sampler(spec: GenerationSpec) -> Callable[[Tensor, Tensor], Tensor]:
-    """Greedy when temperature is 0, else transformers' warpers then multinomial with a seeded generator."""
-    if spec.temperature == 0:
+    """Greedy when temperature is (about) 0, else transformers' warpers, then multinomial with a
+    seeded generator. Below 1e-5 dividing by the temperature overflows: that is greedy anyway."""
+    if spec.temperature < GREEDY_TEMPERATURE:
         return lambda logits, _ids: logits.argmax(dim=-1)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(spec.temperature)])
     if spec.top_k is not None:

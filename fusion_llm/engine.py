@@ -86,8 +86,9 @@ class StreamChunk:
 class _RowResult:
     """What one row has produced so far: tokens, alpha trace, fallbacks, text."""
 
-    def __init__(self, tokenizer, request: Request):
+    def __init__(self, tokenizer, request: Request, row: int):
         self.request = request
+        self.experts = request.row_experts[row]
         self.text = IncrementalText(tokenizer, request.spec.stop, request.eos_ids)
         self.alpha: list[list[float]] = []
         self.fallback_steps: list[int] = []
@@ -106,8 +107,8 @@ class _RowResult:
             token_ids=list(self.text.token_ids),
             finish_reason=reason,
             prompt_tokens=len(self.request.tokens.large[row]),
-            experts=list(self.request.experts),
-            mode=self.request.mode,
+            experts=list(self.experts),
+            mode=self.request.mode if self.experts else "none",
             alpha=self.alpha,
             fallback_steps=self.fallback_steps,
         )
@@ -150,6 +151,14 @@ class FusionEngine:
         _ = self.models
         return self
 
+    def exclusive(self) -> threading.RLock:
+        """`with engine.exclusive():` run forwards on `engine.models` outside generation.
+
+        Decoding holds the same lock, so a router scoring prompts or an adapter merge never
+        overlaps a decoding step (peft's per-row adapter selection lives for one forward).
+        """
+        return self._run_lock
+
     @property
     def loaded(self) -> bool:
         return self._models is not None
@@ -172,13 +181,14 @@ class FusionEngine:
         self,
         prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
         *,
-        experts: Sequence[str] | None = None,
+        experts: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
         mode: FusionMode | None = None,
         **overrides: Any,
     ) -> list[Generation]:
         """Generate for every prompt in one batch; one `Generation` per prompt, in order.
 
-        `experts`: names of the experts to fuse (None: all configured; []: the large model alone).
+        `experts`: names of the experts to fuse (None: all configured; []: the large model alone),
+        or one such list per prompt (e.g. `[["math"], ["qa"], []]`) to route rows of one batch.
         `mode`: override the configured fusion mode. Other keywords override `GenerationSpec`
         fields (max_new_tokens, temperature, top_k, top_p, seed, stop, truncate_prompt, ignore_eos).
         """
@@ -190,7 +200,7 @@ class FusionEngine:
         self,
         prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
         *,
-        experts: Sequence[str] | None = None,
+        experts: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
         mode: FusionMode | None = None,
         **overrides: Any,
     ) -> Iterator[StreamChunk]:
@@ -206,12 +216,14 @@ class FusionEngine:
         """Validate and tokenize a request; raises typed errors before any decoding."""
         batch = _as_prompts(prompts)
         spec = self.config.generation.updated(**overrides)
-        chosen = self._resolve_experts(experts)
-        mode = self._resolve_mode(mode, chosen)
-        if mode == "none":
-            chosen = []
+        mode = self._resolve_mode(mode)
+        row_experts = [
+            [] if mode == "none" else e for e in self._resolve_experts(experts, len(batch))
+        ]
+        chosen = list(dict.fromkeys(e for names in row_experts for e in names))
         eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
-        return Request(self._tokenize(batch, chosen, spec), chosen, mode, spec, eos_ids)
+        tokens = self._tokenize(batch, chosen, spec)
+        return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, row_experts)
 
     def _solver_for(self, mode: str, experts: list[str]) -> AlphaSolver | None:
         fusion = self.config.fusion
@@ -227,7 +239,8 @@ class FusionEngine:
     def _run(self, request: Request, stream: bool) -> Iterator[StreamChunk]:
         """Submit to the micro-batcher and turn its row events into chunks; leaving cancels."""
         ticket = self._batcher.submit(request)
-        rows = [_RowResult(self.models.large.tokenizer, request) for _ in range(request.rows)]
+        tokenizer = self.models.large.tokenizer
+        rows = [_RowResult(tokenizer, request, row) for row in range(request.rows)]
         try:
             while (events := ticket.events.get()) is not DONE:
                 if isinstance(events, BaseException):
@@ -262,11 +275,31 @@ class FusionEngine:
         return bool(getattr(self.models.large.tokenizer, "chat_template", None))
 
     # -- request validation --------------------------------------------------------------------
-    def _resolve_experts(self, experts: Sequence[str] | None) -> list[str]:
+    def _resolve_experts(self, experts, rows: int) -> list[list[str]]:
+        """The experts of every row: one list for all rows, or one list (or None) per row."""
+        per_row = (
+            isinstance(experts, Sequence)
+            and not isinstance(experts, str)
+            and len(experts) > 0
+            and all(
+                e is None or (isinstance(e, Sequence) and not isinstance(e, str)) for e in experts
+            )
+        )
+        if not per_row:
+            return [self._expert_list(experts)] * rows
+        if len(experts) != rows:
+            msg = f"experts has {len(experts)} lists for {rows} prompts; give one list per prompt"
+            raise RequestError(msg)
+        return [self._expert_list(e) for e in experts]
+
+    def _expert_list(self, experts: Sequence[str] | str | None) -> list[str]:
         if experts is None:
             return list(self.expert_names)
         if isinstance(experts, str):
             experts = [experts]
+        if not isinstance(experts, Sequence) or not all(isinstance(e, str) for e in experts):
+            msg = f"experts must be expert names, a list of them, or one list per prompt; got {experts!r}"
+            raise RequestError(msg)
         unknown = [e for e in experts if e not in self.expert_names]
         if unknown:
             known = ", ".join(self.expert_names) or "none configured"
@@ -274,12 +307,12 @@ class FusionEngine:
             raise UnknownExpertError(msg)
         return list(dict.fromkeys(experts))
 
-    def _resolve_mode(self, mode: str | None, chosen: list[str]) -> str:
+    def _resolve_mode(self, mode: str | None) -> str:
         mode = mode or self.config.fusion.mode
         if mode not in MODES:
             msg = f"unknown fusion mode {mode!r}; use one of {', '.join(MODES)}"
             raise RequestError(msg)
-        return mode if chosen else "none"
+        return mode
 
     def _expert_spec(self, name: str):
         return next(e for e in self.config.experts if e.name == name)

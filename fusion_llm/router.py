@@ -175,7 +175,7 @@ class TaskRouter:
             return [{} for _ in prompts]
         models = self.engine.models
         # Generation shares these models (and peft's per-row adapter hooks): hold the engine's lock.
-        with self.engine._run_lock:
+        with self.engine.exclusive():
             table = prompt_gains(models.small, models.lora_experts, models.full_experts, prompts)
         return [
             {name: round(float(table[name][row]), 4) for name in self.engine.expert_names}
@@ -185,7 +185,7 @@ class TaskRouter:
     def similarities(self, prompts: Sequence[FusionPrompt]) -> list[dict[str, float]]:
         """Cosine similarity of each prompt to each expert's example prompts, one dict per prompt."""
         centroids = self._example_centroids()
-        with self.engine._run_lock:  # the models are shared with generation
+        with self.engine.exclusive():  # the models are shared with generation
             embedded = prompt_embeddings(self.engine.models.small, prompts)  # [B, H]
         table = embedded @ torch.stack(list(centroids.values())).T  # [B, T]
         return [
@@ -200,7 +200,7 @@ class TaskRouter:
             if not specs:
                 msg = "route 'examples' needs example prompts: set `examples` on the experts in the config"
                 raise RequestError(msg)
-            with self.engine._run_lock:
+            with self.engine.exclusive():
                 small = self.engine.models.small
                 _example_centroids[self.engine] = {
                     spec.name: _unit(

@@ -127,7 +127,12 @@ def _llama(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        # Special tokens get a constant zero logit: random weights then seldom end a generation
+        # at once or emit only tokens that decode to nothing; a fixed value keeps fusion neutral.
+        model.lm_head.weight[[tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]] = 0.0
+    return model
 
 
 def build_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -151,15 +156,15 @@ def build_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
     tokenizer.save_pretrained(paths["full"])
 
     for offset, name in enumerate(("lora_a", "lora_b")):
-        torch.manual_seed(seed + 10 + offset)
+        base = _llama(tokenizer, hidden=32, layers=2, seed=seed + 1)
+        torch.manual_seed(seed + 10 + offset)  # after the base: each adapter gets its own weights
         config = LoraConfig(
             r=4,
             lora_alpha=8,
             target_modules=["q_proj", "v_proj", "o_proj"],
             init_lora_weights=False,  # random B: an adapter that actually changes the model
         )
-        adapter = get_peft_model(_llama(tokenizer, hidden=32, layers=2, seed=seed + 1), config)
-        adapter.save_pretrained(paths[name])
+        get_peft_model(base, config).save_pretrained(paths[name])
     return paths
 
 

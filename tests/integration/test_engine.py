@@ -204,3 +204,19 @@ def test_chat_messages_are_rendered_with_each_models_template(engine):
     prompt = engine.render_chat([{"role": "user", "content": "hi"}])
     assert prompt.large.endswith("assistant:") and "user: hi" in prompt.small
     assert engine.generate(prompt, max_new_tokens=3)[0].completion_tokens == 3
+
+
+def test_each_prompt_can_fuse_its_own_experts_in_one_batch(engine):
+    routes = [["lora_a"], ["lora_b", "full"], []]
+    together = engine.generate(PROMPTS, experts=routes, max_new_tokens=6)
+    for prompt, route, got in zip(PROMPTS, routes, together, strict=True):
+        alone = engine.generate(prompt, experts=route, max_new_tokens=6)[0]
+        assert (got.token_ids, got.experts, got.mode) == (
+            alone.token_ids,
+            alone.experts,
+            alone.mode,
+        )
+        torch.testing.assert_close(
+            torch.tensor(got.alpha), torch.tensor(alone.alpha), atol=2e-3, rtol=0
+        )
+    assert together[2].mode == "none" and together[2].alpha == [[]] * 6

@@ -144,3 +144,17 @@ def test_a_long_prompt_can_be_truncated_on_the_left_instead(engine):
     long_prompt = "the king " * 200
     result = engine.generate(long_prompt, max_new_tokens=4, truncate_prompt=True)[0]
     assert result.prompt_tokens == 256 - 4 and result.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("experts", "error", "match"),
+    [
+        ([["lora_a"], ["full"]], RequestError, "2 lists for 1 prompts"),
+        ([["lora_a"], ["nobody"]], UnknownExpertError, "nobody"),
+        ([3], RequestError, "expert names"),
+    ],
+)
+def test_bad_expert_routes_raise_typed_errors(engine, experts, error, match):
+    prompts = ["a"] if error is RequestError and "lists" in match else ["a", "b"]
+    with pytest.raises(error, match=match):
+        engine.generate(prompts, experts=experts)
