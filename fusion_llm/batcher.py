@@ -61,10 +61,10 @@ class RowEvent:
 
 @dataclass
 class Ticket:
-    """A submitted request: its events queue and its cancellation flag."""
+    """A submitted request: where its events go (`put`) and its cancellation flag."""
 
     request: Request
-    events: queue.Queue = field(default_factory=queue.Queue)
+    put: Callable[[object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -90,8 +90,9 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
-    def submit(self, request: Request) -> Ticket:
-        ticket = Ticket(request)
+    def submit(self, request: Request, put: Callable[[object], None]) -> Ticket:
+        """Queue a request; its events (lists of `RowEvent`, an exception, then DONE) go to `put`."""
+        ticket = Ticket(request, put)
         with self._lock:
             self._incoming.put(ticket)
             if self._worker is None:
@@ -139,7 +140,7 @@ class MicroBatcher:
             elif not ticket.cancelled.is_set():
                 rest.append(ticket)
             else:
-                ticket.events.put(DONE)
+                ticket.put(DONE)
         backlog.extend(rest)
         return group
 
@@ -155,13 +156,13 @@ class MicroBatcher:
                 "the accelerator ran out of memory; lower the batch size or max_new_tokens"
             )
             for ticket in group:
-                ticket.events.put(error)
+                ticket.put(error)
         except Exception as error:  # handed to every caller of the batch; the worker lives on
             for ticket in group:
-                ticket.events.put(error)
+                ticket.put(error)
         else:
             for ticket in group:
-                ticket.events.put(DONE)
+                ticket.put(DONE)
 
     def _decode(self, group: list[Ticket]) -> None:
         first = group[0].request
@@ -216,7 +217,7 @@ class MicroBatcher:
                     )
                     per_ticket.setdefault(k, []).append(event)
                 for k, events in per_ticket.items():
-                    group[k].events.put(events)
+                    group[k].put(events)
                 for k, ticket in enumerate(group):
                     if ticket.cancelled.is_set():
                         cancelled.update(range(offsets[k], offsets[k] + ticket.request.rows))

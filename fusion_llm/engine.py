@@ -7,8 +7,11 @@ share caches or interleave on them, and each gets exactly the rows it asked for.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,25 +239,61 @@ class FusionEngine:
             fusion.newton_steps,
         )
 
+    async def agenerate(
+        self,
+        prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
+        *,
+        experts: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
+        mode: FusionMode | None = None,
+        **overrides: Any,
+    ) -> list[Generation]:
+        """`generate` for asyncio: waits on the decoder without holding a thread or the loop."""
+        request = self._prepare(prompts, experts, mode, overrides)
+        results = {c.row: c.generation async for c in self._arun(request, stream=False)}
+        return [results[i] for i in range(request.rows)]
+
+    def astream(
+        self,
+        prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
+        *,
+        experts: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
+        mode: FusionMode | None = None,
+        **overrides: Any,
+    ) -> AsyncIterator[StreamChunk]:
+        """`stream` for asyncio; cancelling the consuming task stops the request's rows."""
+        return self._arun(self._prepare(prompts, experts, mode, overrides), stream=True)
+
     def _run(self, request: Request, stream: bool) -> Iterator[StreamChunk]:
         """Submit to the micro-batcher and turn its row events into chunks; leaving cancels."""
-        ticket = self._batcher.submit(request)
-        tokenizer = self.models.large.tokenizer
-        rows = [_RowResult(tokenizer, request, row) for row in range(request.rows)]
+        inbox: queue.Queue = queue.Queue()
+        ticket = self._batcher.submit(request, inbox.put)
+        rows = self._row_results(request)
         try:
-            while (events := ticket.events.get()) is not DONE:
-                if isinstance(events, BaseException):
-                    raise events
-                for event in events:
-                    result = rows[event.row]
-                    delta = result.add(event.token, event.alpha, event.fallback, stream)
-                    if event.finished is not None:
-                        tail, generation = result.finish(event.finished, event.row)
-                        yield StreamChunk(event.row, delta + tail, generation)
-                    elif delta:
-                        yield StreamChunk(event.row, delta)
+            while (events := inbox.get()) is not DONE:
+                yield from _chunks(rows, events, stream)
         finally:
             ticket.cancelled.set()
+
+    async def _arun(self, request: Request, stream: bool) -> AsyncIterator[StreamChunk]:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def put(item: object) -> None:  # called on the decoder thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: so is the consumer
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        ticket = self._batcher.submit(request, put)
+        rows = self._row_results(request)
+        try:
+            while (events := await inbox.get()) is not DONE:
+                for chunk in _chunks(rows, events, stream):
+                    yield chunk
+        finally:
+            ticket.cancelled.set()
+
+    def _row_results(self, request: Request) -> list[_RowResult]:
+        tokenizer = self.models.large.tokenizer
+        return [_RowResult(tokenizer, request, row) for row in range(request.rows)]
 
     # -- chat ----------------------------------------------------------------------------------
     def render_chat(
@@ -351,6 +390,20 @@ class FusionEngine:
             + (" or set truncate_prompt=True" if room > 0 else f" below {window}")
         )
         raise ContextWindowError(msg)
+
+
+def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChunk]:
+    """The chunks of one decoder message: a list of `RowEvent`s (or an error to raise)."""
+    if isinstance(events, BaseException):
+        raise events
+    for event in events:
+        result = rows[event.row]
+        delta = result.add(event.token, event.alpha, event.fallback, stream)
+        if event.finished is not None:
+            tail, generation = result.finish(event.finished, event.row)
+            yield StreamChunk(event.row, delta + tail, generation)
+        elif delta:
+            yield StreamChunk(event.row, delta)
 
 
 def _as_prompts(prompts: Any) -> list[FusionPrompt]:

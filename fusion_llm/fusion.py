@@ -429,25 +429,51 @@ def fusion_step(
     A row where any model's logits are not finite falls back to the large model (flagged); a row
     where the large model itself has no finite logit cannot be sampled and raises.
     """
+    fused_models = solver is not None and expert_logits is not None and expert_logits.shape[1] > 0
+    ok = (
+        finite_rows(large_logits, small_logits, expert_logits)
+        if fused_models
+        else finite_rows(large_logits)
+    )
+    if not bool(ok.all()):
+        return _fusion_step_with_faults(
+            large_logits, small_logits, expert_logits, active, solver, fused_models
+        )
+    large_logp = log_probs(large_logits)
+    if not fused_models:
+        width = 0 if expert_logits is None else expert_logits.shape[1]
+        return FusedStep(large_logp, large_logp.new_zeros(large_logp.shape[0], width), ~ok)
+    shifts = expert_shifts(log_probs(small_logits), log_probs(expert_logits))
+    alpha = solver(large_logp, shifts, active)
+    return FusedStep(fuse(large_logp, shifts.deltas, alpha), alpha, ~ok)
+
+
+def _fusion_step_with_faults(
+    large_logits: Tensor,
+    small_logits: Tensor | None,
+    expert_logits: Tensor | None,
+    active: Tensor,
+    solver: AlphaSolver | None,
+    fused_models: bool,
+) -> FusedStep:
+    """`fusion_step` when some row has a non-finite logit somewhere (masks every input)."""
     batch = large_logits.shape[0]
     large_ok = torch.isfinite(large_logits)
-    large_logp = log_probs(torch.where(large_ok, large_logits, -torch.inf))
-    ok = large_ok.all(dim=-1)
-    if solver is None or expert_logits is None or expert_logits.shape[1] == 0:
-        alpha = large_logp.new_zeros(batch, 0 if expert_logits is None else expert_logits.shape[1])
-        result = FusedStep(large_logp, alpha, ~ok)
-    else:
-        ok &= finite_rows(small_logits, expert_logits)
-        keep = ok[:, None]
-        clean_large = torch.where(keep, large_logp, 0.0)
-        shifts = expert_shifts(
-            log_probs(torch.where(keep, small_logits, 0.0)),
-            log_probs(torch.where(keep[..., None], expert_logits, 0.0)),
-        )
-        alpha = solver(clean_large, shifts, active) * keep
-        fused = torch.where(keep, fuse(clean_large, shifts.deltas, alpha), large_logp)
-        result = FusedStep(fused, alpha, ~ok)
     if not bool(large_ok.any(dim=-1).all()):
         msg = "the large model produced no finite logit for a row; nothing can be sampled"
         raise NumericalFaultError(msg)
-    return result
+    large_logp = log_probs(torch.where(large_ok, large_logits, -torch.inf))
+    ok = large_ok.all(dim=-1)
+    if not fused_models:
+        width = 0 if expert_logits is None else expert_logits.shape[1]
+        return FusedStep(large_logp, large_logp.new_zeros(batch, width), ~ok)
+    ok &= finite_rows(small_logits, expert_logits)
+    keep = ok[:, None]
+    clean_large = torch.where(keep, large_logp, 0.0)
+    shifts = expert_shifts(
+        log_probs(torch.where(keep, small_logits, 0.0)),
+        log_probs(torch.where(keep[..., None], expert_logits, 0.0)),
+    )
+    alpha = solver(clean_large, shifts, active) * keep
+    fused = torch.where(keep, fuse(clean_large, shifts.deltas, alpha), large_logp)
+    return FusedStep(fused, alpha, ~ok)

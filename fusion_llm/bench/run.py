@@ -272,7 +272,11 @@ def concurrency_check(
             outputs["threads"] = list(pool.map(call, prompts))
 
     async def tasks() -> list:
-        return list(await asyncio.gather(*(asyncio.to_thread(call, p) for p in prompts)))
+        requests = (
+            engine.agenerate(p, experts=names, max_new_tokens=new_tokens, ignore_eos=True)
+            for p in prompts
+        )
+        return [r[0].token_ids for r in await asyncio.gather(*requests)]
 
     def event_loop() -> None:
         outputs["asyncio"] = asyncio.run(tasks())

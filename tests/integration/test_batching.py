@@ -86,3 +86,33 @@ def test_sampled_calls_with_a_seed_are_not_changed_by_concurrent_calls(batching_
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(batching_engine.generate, "the king", **kwargs) for _ in range(4)]
         assert all(f.result()[0].token_ids == alone for f in futures)
+
+
+async def test_native_async_calls_share_batches_and_equal_sequential_calls(batching_engine):
+    work = list(calls(24))
+    expected = [batching_engine.generate(p, **kw)[0].token_ids for p, kw in work]
+    seen, hook = count_prefills(batching_engine)
+    try:
+        results = await asyncio.gather(*(batching_engine.agenerate(p, **kw) for p, kw in work))
+    finally:
+        hook.remove()
+    assert [r[0].token_ids for r in results] == expected
+    assert sum(seen) < len(work)
+
+
+async def test_cancelling_an_async_stream_frees_the_engine(batching_engine):
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in batching_engine.astream("the king", max_new_tokens=200):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    chunks = [c async for c in batching_engine.astream("a river of", max_new_tokens=4)]
+    final = [c.generation for c in chunks if c.generation is not None]
+    assert final[0].completion_tokens == 4
+    assert "".join(c.text for c in chunks) == final[0].text
