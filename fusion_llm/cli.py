@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 
 import transformers
 
 from .engine import FusionEngine, Generation
-from .errors import DeviceError, FusionError, RequestError
+from .errors import DeviceError, FusionError, ModelNotFoundError, RequestError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,26 +113,50 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Until the shipped model family lands: a tiny random family built on the fly (gibberish text,
-    real mechanics): the large model alone beside the fused model, with the alpha trace summary."""
-    from .tiny import build_family, family_config
+    """The shipped model family, two eval questions per task: the large base alone, the small
+    expert alone and the fused model side by side, with the alpha trace summary."""
+    from .eval.tasks import TASKS, load_task
+    from .zoo import ZooNotBuiltError, zoo_config, zoo_path
 
-    with tempfile.TemporaryDirectory() as root:
-        paths = build_family(root)
-        generation = {"max_new_tokens": 16}
-        engine = FusionEngine(family_config(paths, ("lora_a", "full"), generation=generation))
-        request = _request(args)
-        prompts = ["question: what city is on the river", "article: the king of Rome"]
-        large_alone = engine.generate(prompts, **{**request, "mode": "none"})
-        fused = engine.generate(prompts, **request)
-        for prompt, alone, mixed in zip(prompts, large_alone, fused, strict=True):
-            print(f"prompt: {prompt!r}")
-            print(f"  large alone    : {alone.text!r}")
-            print(f"  fused ({mixed.mode:>7}): {mixed.text!r}")
-            print(f"  alpha          : {json.dumps(mixed.alpha_summary())}")
+    request = {k: v for k, v in _request(args).items() if k != "experts"}
+    request = {
+        "max_new_tokens": 40,
+        "stop": ["\n"],
+        **{k: v for k, v in request.items() if v is not None},
+    }
+    try:
+        fused_engine = FusionEngine(zoo_config(list(TASKS), source="small", kind="full"))
+        experts_alone = {
+            task: FusionEngine(
+                {
+                    "large": {"path": str(zoo_path(f"small-{task}"))},
+                    "small": {"path": str(zoo_path("small"))},
+                }
+            )
+            for task in TASKS
+        }
+    except (ZooNotBuiltError, KeyError) as err:
+        raise ModelNotFoundError(
+            f"the shipped model family is missing ({err}); run `fusion-llm zoo build`"
+        ) from None
+    for task in TASKS:
+        examples = load_task(task, "eval", 2)
+        prompts = [e.prompt for e in examples]
+        large = fused_engine.generate(prompts, **{**request, "mode": "none"})
+        expert = experts_alone[task].generate(prompts, **{**request, "mode": "none"})
+        fused = fused_engine.generate(prompts, experts=[task], **request)
+        for example, a, b, c in zip(examples, large, expert, fused, strict=True):
+            lines = example.prompt.splitlines()
+            question = next(line for line in lines if line.startswith(("Question:", "Article:")))
+            print(f"[{task}] {question[:100]}")
+            print(f"  reference      : {example.answer!r}")
+            print(f"  large alone    : {a.text.strip()!r}")
+            print(f"  small expert   : {b.text.strip()!r}")
+            print(
+                f"  fused ({c.mode:>7}): {c.text.strip()!r}  alpha {json.dumps(c.alpha_summary()[task])}"
+            )
             if args.trace:
-                for step, alpha in enumerate(mixed.alpha):
-                    print(f"    step {step}: " + " ".join(f"{a:.3f}" for a in alpha))
+                print("    alpha per token: " + " ".join(f"{a[0]:.2f}" for a in c.alpha))
     return 0
 
 

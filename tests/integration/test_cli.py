@@ -53,3 +53,11 @@ def test_a_bad_config_file_exits_2_from_the_installed_command(tmp_path):
     assert run.returncode == 2
     assert run.stderr.startswith("error: invalid config: fusion: Value error, alpha_min")
     assert run.stderr.count("\n") == 1
+
+
+def test_demo_shows_large_expert_and_fused_answers_for_every_task(capsys):
+    assert main(["demo", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    for task in ("math", "truthful", "trivia", "summary", "mc"):
+        assert out.count(f"[{task}] ") == 2
+    assert out.count("large alone") == out.count("small expert") == out.count("fused (dynamic)") == 10
