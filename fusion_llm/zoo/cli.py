@@ -12,7 +12,7 @@ DEFAULT_BASELINES_DIR = Path("zoo-baselines")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `zoo` command; each leaf sets `func(args) -> int` as its handler."""
+    """Add the `zoo` command; each leaf sets `run(args) -> int`, the main CLI's dispatch key."""
     zoo = subparsers.add_parser("zoo", help="the shipped toy model family")
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
 
@@ -30,11 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--no-baselines", action="store_true", help="skip the large baselines")
     build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    build.set_defaults(func=_build)
+    build.set_defaults(run=_build)
 
     info = commands.add_parser("info", help="list the zoo's models")
     info.add_argument("--dir", type=Path, default=MODELS_DIR)
-    info.set_defaults(func=_info)
+    info.set_defaults(run=_info)
 
 
 def _build(args: argparse.Namespace) -> int:

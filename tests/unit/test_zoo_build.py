@@ -102,6 +102,6 @@ def test_cli_registers_zoo_build_and_info(toy_zoo, capsys):
     build = parser.parse_args(["zoo", "build", "--scale", "toy", "--no-baselines"])
     assert (build.scale, build.no_baselines) == ("toy", True)
     args = parser.parse_args(["zoo", "info", "--dir", str(root / "models")])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in _expected_shipped())
