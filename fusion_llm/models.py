@@ -235,7 +235,7 @@ def _attach_adapters(small: LoadedModel, specs: list[ExpertSpec]) -> PeftModel:
     model: PeftModel | None = None
     for spec in specs:
         _require_location(spec.path, f"expert {spec.name!r}")
-        _check_adapter_base(spec, base_class)
+        _check_adapter_base(spec, base_class, small.model.name_or_path)
         try:
             if model is None:
                 model = PeftModel.from_pretrained(small.model, spec.path, adapter_name=spec.name)
@@ -256,7 +256,7 @@ def _attach_adapters(small: LoadedModel, specs: list[ExpertSpec]) -> PeftModel:
     return model
 
 
-def _check_adapter_base(spec: ExpertSpec, base_class: str) -> None:
+def _check_adapter_base(spec: ExpertSpec, base_class: str, small_path: str) -> None:
     config_file = Path(spec.path) / "adapter_config.json"
     if not config_file.is_file():
         return  # a hub adapter: peft checks shapes while loading
@@ -272,9 +272,11 @@ def _check_adapter_base(spec: ExpertSpec, base_class: str) -> None:
         )
         raise AdapterMismatchError(msg)
     declared = adapter.get("base_model_name_or_path")
-    if declared and Path(declared).name != Path(spec.path).name and not Path(declared).exists():
+    if declared and Path(declared).name != Path(small_path).name:
+        # Only a hint: folders move, so the shapes (checked while loading) are what decide.
         warnings.warn(
-            f"LoRA expert {spec.name!r} declares base {declared!r}; make sure it is the configured small base",
+            f"LoRA expert {spec.name!r} declares base {declared!r} but the small base is "
+            f"{small_path!r}; make sure the adapter was trained on it",
             stacklevel=3,
         )
 
