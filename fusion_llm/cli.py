@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md")
     bench.set_defaults(run=_bench)
 
+    reproduce = commands.add_parser("reproduce", help="the paper's Table 1 on the shipped family")
+    reproduce.add_argument("--n", type=int, default=50, help="eval questions per task")
+    reproduce.add_argument("--max-new-tokens", type=int, default=48)
+    reproduce.add_argument("--out", default="results", help="folder for table1.json and table1.md")
+    reproduce.set_defaults(run=_reproduce)
+
     try:
         from .zoo.cli import register
     except ImportError:  # the zoo is optional in source checkouts that lack it
@@ -157,6 +163,19 @@ def _demo(args: argparse.Namespace) -> int:
             )
             if args.trace:
                 print("    alpha per token: " + " ".join(f"{a[0]:.2f}" for a in c.alpha))
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .eval import reproduce
+
+    if args.n < 1 or args.max_new_tokens < 1:
+        raise RequestError("--n and --max-new-tokens must be at least 1")
+    results = reproduce.table1(
+        args.n, args.max_new_tokens, log=lambda line: print(line, file=sys.stderr)
+    )
+    reproduce.write(results, args.out)
+    print(reproduce.markdown(results))
     return 0
 
 

@@ -60,4 +60,19 @@ def test_demo_shows_large_expert_and_fused_answers_for_every_task(capsys):
     out = capsys.readouterr().out
     for task in ("math", "truthful", "trivia", "summary", "mc"):
         assert out.count(f"[{task}] ") == 2
-    assert out.count("large alone") == out.count("small expert") == out.count("fused (dynamic)") == 10
+    assert (
+        out.count("large alone") == out.count("small expert") == out.count("fused (dynamic)") == 10
+    )
+
+
+def test_reproduce_writes_table1_with_every_row_and_task(tmp_path, capsys):
+    assert main(["reproduce", "--n", "1", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "table1.json").read_text())
+    assert list(table) == [
+        "large base", "small expert", "static from small", "paper from small", "dynamic from small",
+        "mid expert", "static from mid", "paper from mid", "dynamic from mid",
+    ]  # fmt: skip
+    for scores in table.values():
+        assert set(scores) == {"math", "truthful", "trivia", "summary", "mc", "avg"}
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    assert "| large base |" in capsys.readouterr().out
