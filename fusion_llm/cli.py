@@ -69,10 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md")
     bench.set_defaults(run=_bench)
 
-    reproduce = commands.add_parser("reproduce", help="the paper's Table 1 on the shipped family")
+    reproduce = commands.add_parser(
+        "reproduce", help="the paper's Tables 1 and 2 on the shipped family"
+    )
     reproduce.add_argument("--n", type=int, default=50, help="eval questions per task")
     reproduce.add_argument("--max-new-tokens", type=int, default=48)
-    reproduce.add_argument("--out", default="results", help="folder for table1.json and table1.md")
+    reproduce.add_argument(
+        "--out", default="results", help="folder for table1/table2 .json and .md"
+    )
     reproduce.set_defaults(run=_reproduce)
 
     try:
@@ -171,11 +175,12 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.max_new_tokens < 1:
         raise RequestError("--n and --max-new-tokens must be at least 1")
-    results = reproduce.table1(
-        args.n, args.max_new_tokens, log=lambda line: print(line, file=sys.stderr)
-    )
-    reproduce.write(results, args.out)
-    print(reproduce.markdown(results))
+    for name, rows in (("table1", reproduce.table1_rows()), ("table2", reproduce.table2_rows())):
+        results = reproduce.table(
+            rows, args.n, args.max_new_tokens, log=lambda line: print(line, file=sys.stderr)
+        )
+        reproduce.write(results, args.out, name)
+        print(f"## {name}\n\n{reproduce.markdown(results)}\n")
     return 0
 
 

@@ -65,7 +65,7 @@ def test_demo_shows_large_expert_and_fused_answers_for_every_task(capsys):
     )
 
 
-def test_reproduce_writes_table1_with_every_row_and_task(tmp_path, capsys):
+def test_reproduce_writes_tables_1_and_2_with_every_row_and_task(tmp_path, capsys):
     assert main(["reproduce", "--n", "1", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "table1.json").read_text())
     assert list(table) == [
@@ -75,4 +75,10 @@ def test_reproduce_writes_table1_with_every_row_and_task(tmp_path, capsys):
     for scores in table.values():
         assert set(scores) == {"math", "truthful", "trivia", "summary", "mc", "avg"}
         assert all(0.0 <= v <= 100.0 for v in scores.values())
-    assert "| large base |" in capsys.readouterr().out
+    table2 = json.loads((tmp_path / "table2.json").read_text())
+    assert list(table2) == [
+        "large base", "small multi-task FT", "mid multi-task FT", "paper, 4 small experts",
+        "dynamic, 4 small experts", "paper, 4 mid experts", "dynamic, 4 mid experts",
+    ]  # fmt: skip
+    assert table2["large base"] == table["large base"]  # same prompts, same greedy decoding
+    assert "## table2" in capsys.readouterr().out
