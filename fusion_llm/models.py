@@ -52,10 +52,6 @@ class ModelSet:
     lora_experts: list[str] = field(default_factory=list)
     vocab_size: int = 0
 
-    @property
-    def expert_names(self) -> list[str]:
-        return [*self.lora_experts, *self.full_experts]
-
 
 def resolve_device(spec: ModelSpec) -> str:
     """`auto` -> cuda, then mps, then cpu; an explicit accelerator must exist."""
@@ -282,11 +278,8 @@ def _check_adapter_base(spec: ExpertSpec, base_class: str, small_path: str) -> N
 
 
 def _require_location(location: str, what: str) -> None:
-    looks_local = (
-        location.startswith((".", "/", "~"))
-        or Path(location).suffix != ""
-        or location.count("/") > 1
-    )
+    # "org/name" may be a hub id (even "Qwen/Qwen2-0.5B", which has a dot); these cannot be.
+    looks_local = location.startswith((".", "/", "~")) or location.count("/") > 1
     if looks_local and not Path(location).expanduser().exists():
         msg = f"{what}: path {location!r} does not exist; give a model folder or a hub id"
         raise ModelNotFoundError(msg)

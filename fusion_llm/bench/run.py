@@ -124,9 +124,9 @@ def part_variants(
     peft = bool(models.lora_experts)
     tokens = torch.zeros(batch, dtype=torch.long)
 
-    def stepper(make: Callable[[], object]) -> Callable[[], float]:
+    def stepper(make: Callable[[], CacheRunner]) -> Callable[[], float]:
         runner = make()
-        runner.prefill(prompts) if isinstance(runner, CacheRunner) else runner.prefill(prompts, {})
+        runner.prefill(prompts)
         return lambda: timed(lambda: runner.step(tokens), device)
 
     one_expert = (
