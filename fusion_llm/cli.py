@@ -10,6 +10,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import transformers
 
@@ -70,12 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     reproduce = commands.add_parser(
-        "reproduce", help="the paper's Tables 1 and 2 on the shipped family"
+        "reproduce",
+        help="the paper's Tables 1-3, its ICL table and the alpha figure on the shipped family",
     )
     reproduce.add_argument("--n", type=int, default=50, help="eval questions per task")
     reproduce.add_argument("--max-new-tokens", type=int, default=48)
+    reproduce.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     reproduce.add_argument(
-        "--out", default="results", help="folder for table1/table2 .json and .md"
+        "--full",
+        action="store_true",
+        help="retrain the large baselines (about 20 min) instead of reading their committed results",
+    )
+    reproduce.add_argument(
+        "--baselines", type=Path, default=Path("zoo-baselines"), help="where --full puts them"
+    )
+    reproduce.add_argument(
+        "--models-dir", type=Path, help="a zoo built by `fusion-llm zoo build` (default: shipped)"
     )
     reproduce.set_defaults(run=_reproduce)
 
@@ -171,16 +182,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .eval import reproduce
+    from .eval.run import reproduce
+    from .zoo import MODELS_DIR
 
-    if args.n < 1 or args.max_new_tokens < 1:
-        raise RequestError("--n and --max-new-tokens must be at least 1")
-    for name, rows in (("table1", reproduce.table1_rows()), ("table2", reproduce.table2_rows())):
-        results = reproduce.table(
-            rows, args.n, args.max_new_tokens, log=lambda line: print(line, file=sys.stderr)
-        )
-        reproduce.write(results, args.out, name)
-        print(f"## {name}\n\n{reproduce.markdown(results)}\n")
+    texts = reproduce(
+        args.out,
+        n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        full=args.full,
+        baselines_dir=args.baselines,
+        models_dir=args.models_dir or MODELS_DIR,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    for name, text in texts.items():
+        print(f"## {name}\n\n{text}\n")
+    print(f"written to {args.out}/ (with alpha_math.png)")
     return 0
 
 

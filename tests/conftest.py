@@ -7,6 +7,7 @@ import transformers
 
 from fusion_llm import FusionEngine
 from fusion_llm.tiny import build_family, family_config
+from fusion_llm.zoo import build_zoo
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -34,3 +35,11 @@ def tiny_family(tmp_path_factory):
 def engine(tiny_family):
     """One loaded engine over the tiny family with two LoRA experts and one full expert."""
     return FusionEngine(family_config(tiny_family)).load()
+
+
+@pytest.fixture(scope="session")
+def toy_zoo(tmp_path_factory):
+    """(root, manifest) of a zoo built at toy scale: models/ (shipped part) and baselines/."""
+    root = tmp_path_factory.mktemp("zoo")
+    manifest = build_zoo(root / "models", scale="toy", seed=0, baselines_dir=root / "baselines")
+    return root, manifest

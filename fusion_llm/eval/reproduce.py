@@ -1,24 +1,28 @@
-"""Tables 1 and 2 of the paper on the shipped model family.
+"""The paper's tables on the shipped model family: Table 1 (single task), Table 2 (multi-task), the
+ICL table (few-shot prompts with and without fusion) and Table 3 (cost).
 
-Table 1 (single task): the large base alone, the `small` and `mid` experts alone, and static
-alpha=1 / `paper` / `dynamic` fusion from each. Table 2 (multi-task): the large base, the small and
-mid multi-task fine-tunes, and `paper` / `dynamic` fusion of the four seen experts at once (`mc`
-unseen). Columns: the five tasks and their average. Every row reads the same eval prompts with
-greedy decoding, and every answer is scored on its first line.
+Every row reads the same eval prompts (the first `n` of each task) with greedy decoding, stops at the
+end of the first line, and is scored on that line. A row's inference time is the wall time of its
+`generate` calls only (models are loaded before the clock starts), measured in the same run as the
+rows it is compared with.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..engine import FusionEngine
-from ..zoo import zoo_config, zoo_path
+from ..engine import FusionEngine, FusionPrompt
+from ..errors import RequestError
+from ..zoo import MODELS_DIR, read_manifest, zoo_config, zoo_path
 from .metrics import score
-from .tasks import SEEN_TASKS, TASKS, load_task
+from .tasks import SEEN_TASKS, TASKS, TaskExample, few_shot_prompt, load_task
 
 FUSION_MODES = ("static", "paper", "dynamic")
+SOURCES = ("small", "mid")
+ICL_SHOTS = 5
 
 
 @dataclass(frozen=True)
@@ -28,79 +32,268 @@ class Row:
     model: str = "large"  # zoo model name, "{task}" is filled in (e.g. "small-{task}")
     source: str = "small"  # fusion: the base whose experts are fused
     experts: str = "task"  # fusion: "task" (the question's own expert) or "seen" (all four seen)
+    large_shots: int = (
+        0  # solved train examples put before the question in the large model's prompt
+    )
+    group: str | None = None  # rows of one source size; the best of a group is marked
+    own_expert: str | None = None  # the expert row a fusion row is compared with
+
+    @property
+    def setup(self) -> tuple:
+        """What the row computes; rows with the same setup share one evaluation."""
+        return (self.mode, self.model, self.source, self.experts, self.large_shots)
 
 
-def table1_rows() -> list[Row]:
-    """Single task: each question fuses its own task's expert."""
-    rows = [Row("large base", "none")]
-    for source in ("small", "mid"):
-        rows.append(Row(f"{source} expert", "none", model=f"{source}-{{task}}"))
-        rows += [Row(f"{mode} from {source}", mode, source=source) for mode in FUSION_MODES]
-    return rows
+@dataclass(frozen=True)
+class Table:
+    name: str  # file stem of the results
+    title: str
+    rows: tuple[Row, ...]
+    full_ft: str | None = None  # the row that "gap closed" is measured against
 
 
-def table2_rows() -> list[Row]:
-    """Multi-task: the four seen experts are active for every question (`mc` is unseen)."""
-    rows = [Row("large base", "none")]
-    rows += [
-        Row(f"{source} multi-task FT", "none", model=f"{source}-multi")
-        for source in ("small", "mid")
+@dataclass
+class RowResult:
+    scores: dict[str, float]  # task -> %, and "avg"
+    seconds: float | None = None  # generate wall time over all tasks; None for committed rows
+    samples: int = 0
+    new_tokens: int = 0
+    committed: bool = False  # read from the committed baseline results, not measured in this run
+
+
+def table1() -> Table:
+    """Single task: each question fuses its own task's expert (full fine-tunes of each source)."""
+    rows = [
+        Row("large base", "none"),
+        Row("large full FT", "none", model="large-{task}"),
+        Row("large LoRA", "none", model="large-{task}-lora"),
     ]
-    for source in ("small", "mid"):
+    for source in SOURCES:
+        expert = f"{source} expert"
+        rows.append(Row(expert, "none", model=f"{source}-{{task}}", group=source))
         rows += [
-            Row(f"{mode}, 4 {source} experts", mode, source=source, experts="seen")
+            Row(f"{mode} from {source}", mode, source=source, group=source, own_expert=expert)
+            for mode in FUSION_MODES
+        ]
+    return Table("table1", "Table 1: single task", tuple(rows), full_ft="large full FT")
+
+
+def table2() -> Table:
+    """Multi-task: the four seen experts are active for every question (`mc` is unseen)."""
+    rows = [Row("large base", "none"), Row("large multi-task FT", "none", model="large-multi")]
+    for source in SOURCES:
+        multi = f"{source} multi-task FT"
+        rows.append(Row(multi, "none", model=f"{source}-multi", group=source))
+        rows += [
+            Row(
+                f"{mode}, 4 {source} experts",
+                mode,
+                source=source,
+                experts="seen",
+                group=source,
+                own_expert=multi,
+            )  # fmt: skip
             for mode in ("paper", "dynamic")
         ]
-    return rows
+    return Table("table2", "Table 2: multi-task", tuple(rows), full_ft="large multi-task FT")
 
 
-def table(
-    rows: list[Row], n: int = 50, max_new_tokens: int = 48, log=print
-) -> dict[str, dict[str, float]]:
-    """{row name: {task: score in %, "avg": mean}} over the first `n` eval examples per task."""
-    engines: dict[str, FusionEngine] = {}  # one engine per distinct config, reused across tasks
-    request = {"max_new_tokens": max_new_tokens, "stop": ["\n"]}
-    results: dict[str, dict[str, float]] = {}
-    for row in rows:
-        scores = {}
-        for task in TASKS:
-            examples = load_task(task, "eval", n)
-            config, experts = _config(row, task)
-            key = json.dumps(config, sort_keys=True)
-            engine = engines.setdefault(key, FusionEngine(config))
-            mode = row.mode if experts else "none"
-            generations = engine.generate(
-                [e.prompt for e in examples], experts=experts, mode=mode, **request
+def icl_table() -> Table:
+    """In-context learning: few-shot demonstrations in the large model's prompt, alone and fused
+    (the small base and its expert keep the zero-shot prompt)."""
+    rows = [
+        Row("large base", "none"),
+        Row(f"large {ICL_SHOTS}-shot", "none", large_shots=ICL_SHOTS),
+    ]
+    for source in SOURCES:
+        rows += [
+            Row(f"dynamic from {source}", "dynamic", source=source, group=source),
+            Row(
+                f"dynamic from {source} + {ICL_SHOTS}-shot",
+                "dynamic",
+                source=source,
+                large_shots=ICL_SHOTS,
+                group=source,
+            ),  # fmt: skip
+        ]
+    return Table("icl", f"ICL: {ICL_SHOTS}-shot prompts for the large model", tuple(rows))
+
+
+class Reproduction:
+    """Evaluates rows on a built zoo, once per distinct setup, with one engine per distinct config.
+
+    `baselines` maps the large baseline models ("large-math", "large-math-lora", "large-multi", ...)
+    to loadable folders; without it their rows come from the committed results (quick mode).
+    """
+
+    def __init__(
+        self,
+        n: int = 50,
+        max_new_tokens: int = 48,
+        models_dir: Path = MODELS_DIR,
+        baselines: dict[str, Path] | None = None,
+        committed: dict | None = None,
+        log=print,
+    ):
+        manifest = read_manifest(Path(models_dir))
+        self.scale, self.seed = manifest["scale"], manifest["seed"]
+        available = len(load_task(TASKS[0], "eval", None, self.scale, self.seed))
+        if not 1 <= n <= available or max_new_tokens < 1:
+            msg = f"n must be in 1..{available} (eval questions per task) and max_new_tokens >= 1"
+            raise RequestError(msg)
+        self.n, self.max_new_tokens = n, max_new_tokens
+        self.models_dir = Path(models_dir)
+        self.baselines = baselines
+        self.committed = committed
+        self.log = log
+        self._engines: dict[str, FusionEngine] = {}
+        self._results: dict[tuple, RowResult] = {}
+
+    def table(self, table: Table) -> dict[str, RowResult]:
+        return {row.name: self.row(row) for row in table.rows}
+
+    def row(self, row: Row) -> RowResult:
+        if row.setup not in self._results:
+            if row.model.startswith("large-") and self.baselines is None:
+                result = self._committed_row(row)
+            else:
+                result = self._evaluate(row)
+            self._results[row.setup] = result
+            self.log(f"{row.name}: " + " ".join(f"{t} {v:.1f}" for t, v in result.scores.items()))
+        return self._results[row.setup]
+
+    def examples(self, task: str) -> list[TaskExample]:
+        return load_task(task, "eval", self.n, self.scale, self.seed)
+
+    def engine(self, config: dict) -> FusionEngine:
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._engines:
+            self._engines[key] = FusionEngine(config).load()
+        return self._engines[key]
+
+    def config(self, row: Row, task: str) -> tuple[dict, list[str]]:
+        """The engine config and the experts to fuse for one row and task."""
+        if row.mode == "none":
+            large = self._model_path(row.model.format(task=task))
+            small = self._model_path("small")
+            return {"large": {"path": str(large)}, "small": {"path": str(small)}}, []
+        experts = [task] if row.experts == "task" else list(SEEN_TASKS)
+        return zoo_config(experts, row.source, "full", row.mode, self.models_dir), experts
+
+    def alpha_traces(self, task: str = "math", source: str = "small", index: int = 0) -> dict:
+        """The per-step alpha of the `paper` grid and the `dynamic` solver on one eval question,
+        fusing that task's expert from `source` (the data of the paper's Fig. 3)."""
+        example = self.examples(task)[index]
+        traces = {}
+        for mode in ("paper", "dynamic"):
+            config, experts = self.config(Row(mode, mode, source=source), task)
+            (generation,) = self.engine(config).generate(
+                [example.prompt],
+                experts=experts,
+                mode=mode,
+                max_new_tokens=self.max_new_tokens,
+                stop=["\n"],
             )
+            traces[mode] = {
+                "alpha": [step[0] for step in generation.alpha],
+                "text": generation.text,
+            }
+        return {"task": task, "source": source, "prompt": example.prompt, "answer": example.answer,
+                "traces": traces}  # fmt: skip
+
+    def _model_path(self, name: str) -> Path:
+        if self.baselines is not None and name in self.baselines:
+            return self.baselines[name]
+        return zoo_path(name, self.models_dir)
+
+    def _prompt(self, example: TaskExample, row: Row) -> FusionPrompt:
+        large = None
+        if row.large_shots:
+            large = few_shot_prompt(example, row.large_shots, self.scale, self.seed)
+        return FusionPrompt(example.prompt, large=large)
+
+    def _evaluate(self, row: Row) -> RowResult:
+        result = RowResult(scores={}, seconds=0.0)
+        for task in TASKS:
+            examples = self.examples(task)
+            config, experts = self.config(row, task)
+            engine = self.engine(config)
+            # mc is unseen in the multi-task setting: fusing the seen experts is the point there.
+            mode = row.mode if experts else "none"
+            start = time.perf_counter()
+            generations = engine.generate(
+                [self._prompt(e, row) for e in examples],
+                experts=experts,
+                mode=mode,
+                max_new_tokens=self.max_new_tokens,
+                stop=["\n"],
+                truncate_prompt=True,  # a few-shot prompt over the context keeps its last shots
+            )
+            result.seconds += time.perf_counter() - start
+            result.samples += len(examples)
+            result.new_tokens += sum(g.completion_tokens for g in generations)
             total = sum(
                 score(task, g.text, e.answer) for g, e in zip(generations, examples, strict=True)
             )
-            scores[task] = 100 * total / n
-        scores["avg"] = sum(scores[t] for t in TASKS) / len(TASKS)
-        results[row.name] = scores
-        log(f"{row.name}: " + " ".join(f"{t} {v:.1f}" for t, v in scores.items()))
-    return results
+            result.scores[task] = 100 * total / len(examples)
+        result.scores["avg"] = sum(result.scores[t] for t in TASKS) / len(TASKS)
+        return result
+
+    def _committed_row(self, row: Row) -> RowResult:
+        committed = self.committed or {}
+        if row.name not in committed.get("rows", {}):
+            msg = f"no committed result for {row.name!r}; run `fusion-llm reproduce --full`"
+            raise RequestError(msg)
+        return RowResult(scores=committed["rows"][row.name], committed=True)
 
 
-def _config(row: Row, task: str) -> tuple[dict, list[str]]:
-    """The engine config and the experts to fuse for one row and task."""
-    if row.mode == "none":
-        large = zoo_path(row.model.format(task=task))
-        return {"large": {"path": str(large)}, "small": {"path": str(zoo_path("small"))}}, []
-    experts = [task] if row.experts == "task" else list(SEEN_TASKS)
-    return zoo_config(experts, source=row.source, kind="full"), experts
+def gap_closed(method: float, base: float, full_ft: float) -> float | None:
+    """(method - base) / (full FT - base), the share of fine-tuning's gain that a method recovers."""
+    return None if abs(full_ft - base) < 1e-9 else (method - base) / (full_ft - base)
 
 
-def markdown(results: dict[str, dict[str, float]]) -> str:
+def markdown(table: Table, results: dict[str, RowResult]) -> str:
+    """The table with the best value of each column within a source size in bold, and a dagger
+    where a fusion row beats its own expert; a "gap closed" column when the table has a full FT."""
     columns = [*TASKS, "avg"]
-    lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, scores in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[c]:.1f}" for c in columns) + " |")
+    header = ["row", *columns] + (["gap closed"] if table.full_ft else [])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    best = {
+        (row.group, c): max(results[r.name].scores[c] for r in table.rows if r.group == row.group)
+        for row in table.rows
+        if row.group
+        for c in columns
+    }
+    for row in table.rows:
+        scores = results[row.name].scores
+        cells = [row.name + (" (committed)" if results[row.name].committed else "")]
+        for c in columns:
+            cell = f"{scores[c]:.1f}"
+            if row.own_expert and scores[c] > results[row.own_expert].scores[c]:
+                cell += "†"
+            if row.group and scores[c] == best[(row.group, c)]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        if table.full_ft:
+            gap = gap_closed(
+                scores["avg"],
+                results["large base"].scores["avg"],
+                results[table.full_ft].scores["avg"],
+            )
+            cells.append(
+                "-"
+                if gap is None or row.name in ("large base", table.full_ft)
+                else f"{100 * gap:.1f} %"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write(results: dict, out_dir: str | Path, name: str) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{name}.md").write_text(markdown(results) + "\n")
+def write(out_dir: Path, name: str, data: dict, text: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(text + "\n")
+
+
+def results_json(results: dict[str, RowResult]) -> dict:
+    return {name: asdict(result) for name, result in results.items()}

@@ -7,19 +7,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fusion_llm.errors import ModelNotFoundError
 from fusion_llm.zoo.build import MANIFEST, build_zoo
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_EXPERT_KIND = {"small": "lora", "mid": "full"}  # mid has full fine-tunes only
 
-__all__ = ["MODELS_DIR", "ZooNotBuiltError", "build_zoo", "zoo_config", "zoo_info", "zoo_path"]
+__all__ = [
+    "MODELS_DIR",
+    "ZooNotBuiltError",
+    "build_zoo",
+    "read_manifest",
+    "zoo_config",
+    "zoo_info",
+    "zoo_path",
+]
 
 
-class ZooNotBuiltError(FileNotFoundError):
-    """The shipped model folder is missing (a source checkout without weights)."""
+class ZooNotBuiltError(ModelNotFoundError):
+    """The zoo's model folder is missing (a source checkout without weights, a wrong --models-dir)."""
 
 
-def _manifest(models_dir: Path = MODELS_DIR) -> dict:
+def read_manifest(models_dir: Path = MODELS_DIR) -> dict:
     path = models_dir / MANIFEST
     if not path.exists():
         msg = f"no zoo found at {models_dir}; create it with `fusion-llm zoo build`"
@@ -29,7 +38,7 @@ def _manifest(models_dir: Path = MODELS_DIR) -> dict:
 
 def zoo_path(name: str, models_dir: Path = MODELS_DIR) -> Path:
     """The folder of a shipped model, e.g. `zoo_path("small-math-lora")`."""
-    models = _manifest(models_dir)["models"]
+    models = read_manifest(models_dir)["models"]
     if name not in models or not models[name]["shipped"]:
         shipped = sorted(n for n, m in models.items() if m["shipped"])
         msg = f"no shipped zoo model {name!r}; shipped models are: {', '.join(shipped)}"
@@ -39,7 +48,7 @@ def zoo_path(name: str, models_dir: Path = MODELS_DIR) -> Path:
 
 def zoo_info(models_dir: Path = MODELS_DIR) -> list[dict]:
     """One row per model the last build made: name, kind, base, task, params, train seconds."""
-    models = _manifest(models_dir)["models"]
+    models = read_manifest(models_dir)["models"]
     return [
         {
             "name": name,

@@ -13,17 +13,88 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from fusion_llm.zoo.probe import probe
 from fusion_llm.zoo.scales import get_scale
 from fusion_llm.zoo.task_families import SEEN_TASKS, TASKS, task_examples
-from fusion_llm.zoo.tokenizer import save_tokenizer, train_tokenizer
+from fusion_llm.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from fusion_llm.zoo.train import finetune, new_base, param_count, pretrain, save
 from fusion_llm.zoo.world import make_world
 
 MANIFEST = "zoo.json"
 BASES = ("small", "mid", "large")
 log = logging.getLogger(__name__)
+
+
+def finetune_name(base: str, task: str, lora: bool) -> str:
+    return f"{base}-{task}" + ("-lora" if lora else "")
+
+
+def finetune_runs(with_baselines: bool) -> list[tuple[int, str, str, bool]]:
+    """(seed offset, base, task, lora) of every fine-tune in build order. The offsets do not depend
+    on `with_baselines`, so the large baselines retrained alone get the seeds a full build gives."""
+    runs = [
+        (base, task, lora)
+        for task in (*TASKS, "multi")
+        for base, lora in (("small", False), ("small", True), ("mid", False))
+        if not (lora and task == "multi")
+    ]
+    runs += [
+        ("large", task, lora)
+        for task in (*TASKS, "multi")
+        for lora in (False, True)
+        if not (lora and task == "multi")
+    ]
+    return [
+        (100 + k, base, task, lora)
+        for k, (base, task, lora) in enumerate(runs)
+        if with_baselines or base != "large"
+    ]
+
+
+def _train_sets(world, spec) -> dict[str, list]:
+    """Each task's train split, and "multi": the four seen tasks' splits together."""
+    sets = {t: task_examples(world, t, "train", spec.n_train, spec.n_eval) for t in TASKS}
+    sets["multi"] = [e for t in SEEN_TASKS for e in sets[t]]
+    return sets
+
+
+def train_baselines(
+    baselines_dir: str | Path, models_dir: str | Path, threads: int | None = None
+) -> dict[str, dict]:
+    """Re-train only the large baselines (full fine-tune and LoRA per task, multi-task fine-tune) on
+    the large base saved in `models_dir`, at the scale and seed its manifest records. Returns
+    {name: {"kind", "task", "train_seconds", "path"}}, also written to `baselines_dir/zoo.json`."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    models_dir, baselines_dir = Path(models_dir), Path(baselines_dir)
+    manifest = json.loads((models_dir / MANIFEST).read_text())
+    spec, seed = get_scale(manifest["scale"]), manifest["seed"]
+    world = make_world(seed, spec.n_people, n_misconceptions=spec.n_misconceptions)
+    tokenizer = load_tokenizer(models_dir / "tokenizer")
+    # Saved in fp16; trained in fp32 as in a full build (whose large base was never rounded).
+    large = AutoModelForCausalLM.from_pretrained(models_dir / "large", dtype=torch.float32)
+    train_sets = _train_sets(world, spec)
+    trained: dict[str, dict] = {}
+    for offset, base, task, lora in finetune_runs(with_baselines=True):
+        if base != "large":
+            continue
+        name = finetune_name(base, task, lora)
+        model, seconds = finetune(
+            large, train_sets[task], tokenizer, spec, lora, seed + offset, f"finetune {name}"
+        )
+        save(model, tokenizer, baselines_dir / name, base_name="large")
+        trained[name] = {
+            "kind": "lora" if lora else "full",
+            "task": task,
+            "train_seconds": round(seconds, 1),
+            "path": str((baselines_dir / name).resolve()),
+        }
+        _write_manifest(
+            baselines_dir, {"scale": manifest["scale"], "seed": seed, "models": trained}
+        )
+    return trained
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -94,26 +165,12 @@ def build_zoo(
         log.info("probe %s: %s", name, json.dumps(manifest["probe"][name]))
         bases[name] = model
 
-    train_sets = {t: task_examples(world, t, "train", spec.n_train, spec.n_eval) for t in TASKS}
-    train_sets["multi"] = [e for t in SEEN_TASKS for e in train_sets[t]]
-    runs = [
-        (base, task, lora)
-        for task in (*TASKS, "multi")
-        for base, lora in (("small", False), ("small", True), ("mid", False))
-        if not (lora and task == "multi")
-    ]
-    if baselines_dir is not None:
-        runs += [
-            ("large", task, lora)
-            for task in (*TASKS, "multi")
-            for lora in (False, True)
-            if not (lora and task == "multi")
-        ]
-    for k, (base, task, lora) in enumerate(runs):
-        name = f"{base}-{task}" + ("-lora" if lora else "")
+    train_sets = _train_sets(world, spec)
+    for offset, base, task, lora in finetune_runs(with_baselines=baselines_dir is not None):
+        name = finetune_name(base, task, lora)
         shipped = base != "large"
         model, seconds = finetune(
-            bases[base], train_sets[task], tokenizer, spec, lora, seed + 100 + k, f"finetune {name}"
+            bases[base], train_sets[task], tokenizer, spec, lora, seed + offset, f"finetune {name}"
         )
         directory = out_dir / name if shipped else Path(baselines_dir) / name
         record(name, model, "lora" if lora else "full", base, task, seconds, directory, shipped)

@@ -18,6 +18,15 @@ from fusion_llm.zoo.corpus import pretraining_pass
 from fusion_llm.zoo.world import World
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# Chat in the task format the experts were fine-tuned on: a user turn is a question, the reply its
+# answer; a system message is a line of its own (the models were never trained on roles).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Answer: {{ m['content'] }}\n"
+    "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}"
+)
 
 
 def _tokenizer_texts(world: World) -> list[str]:
@@ -48,9 +57,11 @@ def train_tokenizer(world: World, vocab_size: int) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from fusion_llm.cli import main
+from fusion_llm.eval.baselines import load_committed
 from fusion_llm.tiny import family_config
 
 
@@ -65,20 +66,33 @@ def test_demo_shows_large_expert_and_fused_answers_for_every_task(capsys):
     )
 
 
-def test_reproduce_writes_tables_1_and_2_with_every_row_and_task(tmp_path, capsys):
+def test_reproduce_quick_mode_recomputes_fusion_rows_and_reads_committed_baselines(
+    tmp_path, capsys
+):
     assert main(["reproduce", "--n", "1", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "table1.json").read_text())
     assert list(table) == [
-        "large base", "small expert", "static from small", "paper from small", "dynamic from small",
+        "large base", "large full FT", "large LoRA",
+        "small expert", "static from small", "paper from small", "dynamic from small",
         "mid expert", "static from mid", "paper from mid", "dynamic from mid",
     ]  # fmt: skip
-    for scores in table.values():
-        assert set(scores) == {"math", "truthful", "trivia", "summary", "mc", "avg"}
-        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    committed = load_committed()
+    for name, row in table.items():
+        assert set(row["scores"]) == {"math", "truthful", "trivia", "summary", "mc", "avg"}
+        assert all(0.0 <= v <= 100.0 for v in row["scores"].values())
+        assert row["committed"] == (name in ("large full FT", "large LoRA"))
+        if row["committed"]:
+            assert row["scores"] == committed["rows"][name] and row["seconds"] is None
+        else:
+            assert row["samples"] == 5 and row["seconds"] > 0
     table2 = json.loads((tmp_path / "table2.json").read_text())
     assert list(table2) == [
-        "large base", "small multi-task FT", "mid multi-task FT", "paper, 4 small experts",
-        "dynamic, 4 small experts", "paper, 4 mid experts", "dynamic, 4 mid experts",
+        "large base", "large multi-task FT", "small multi-task FT", "paper, 4 small experts",
+        "dynamic, 4 small experts", "mid multi-task FT", "paper, 4 mid experts",
+        "dynamic, 4 mid experts",
     ]  # fmt: skip
     assert table2["large base"] == table["large base"]  # same prompts, same greedy decoding
-    assert "## table2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(f"## {name}" in out for name in ("table1", "table2", "icl", "table3"))
+    assert "(committed): measured by `fusion-llm reproduce --full --n 50`" in out
+    assert (tmp_path / "alpha_math.png").stat().st_size > 0

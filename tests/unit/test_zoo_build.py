@@ -9,16 +9,11 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusion_llm.zoo import ZooNotBuiltError, build_zoo, zoo_config, zoo_info, zoo_path
+from fusion_llm.zoo import ZooNotBuiltError, zoo_config, zoo_info, zoo_path
+from fusion_llm.zoo.build import finetune_runs
 from fusion_llm.zoo.cli import register
 from fusion_llm.zoo.task_families import TASKS
-
-
-@pytest.fixture(scope="module")
-def toy_zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    manifest = build_zoo(root / "models", scale="toy", seed=0, baselines_dir=root / "baselines")
-    return root, manifest
+from fusion_llm.zoo.tokenizer import CHAT_TEMPLATE
 
 
 def _expected_shipped():
@@ -59,6 +54,7 @@ def test_models_reload_in_fp16_with_one_shared_tokenizer(toy_zoo):
     assert small.dtype == torch.float16
     tokenizer = AutoTokenizer.from_pretrained(models / "small-math-lora")
     assert tokenizer.eos_token and tokenizer.pad_token and tokenizer.bos_token
+    assert tokenizer.chat_template == CHAT_TEMPLATE
     assert len(tokenizer) == small.config.vocab_size
     expert = PeftModel.from_pretrained(small, models / "small-math-lora")
     ids = tokenizer("Question: What is 2 + 3?\nAnswer:", return_tensors="pt").input_ids
@@ -105,3 +101,13 @@ def test_cli_registers_zoo_build_and_info(toy_zoo, capsys):
     assert args.run(args) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in _expected_shipped())
+
+
+def test_baselines_retrained_alone_get_the_seeds_of_a_full_build():
+    everything = finetune_runs(with_baselines=True)
+    shipped = finetune_runs(with_baselines=False)
+    assert [r for r in everything if r[1] != "large"] == shipped
+    assert len({offset for offset, *_ in everything}) == len(everything)  # one seed per model
+    assert {(base, lora) for _, base, _, lora in everything} == {
+        ("small", False), ("small", True), ("mid", False), ("large", False), ("large", True)
+    }  # fmt: skip

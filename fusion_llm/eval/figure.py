@@ -1,0 +1,22 @@
+"""Alpha per decoding step (the paper's Fig. 3): one plot line per trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+
+
+def plot_alpha(traces: dict[str, list[float]], path: str | Path, title: str) -> None:
+    """Each trace's alpha against the index of the generated token, saved as an image at `path`."""
+    figure, axes = plt.subplots(figsize=(8, 3))
+    for label, alpha in traces.items():
+        axes.plot(range(len(alpha)), alpha, marker=".", label=label)
+    axes.set(xlabel="generated token", ylabel="alpha", title=title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,96 @@
+"""`fusion-llm reproduce`: every table and the alpha figure, written to one results folder.
+
+Quick mode (default) evaluates every row on the shipped family except the large fine-tuned
+baselines, whose committed results it reads. `full=True` first retrains those baselines with the
+zoo recipe and evaluates them in the same run, and writes `baselines.json` in the committed format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import RequestError
+from ..zoo import MODELS_DIR, read_manifest
+from ..zoo.build import train_baselines
+from .baselines import load_committed, loadable_baselines
+from .cost import cost_markdown, cost_table
+from .figure import plot_alpha
+from .reproduce import (
+    Reproduction,
+    Table,
+    icl_table,
+    markdown,
+    results_json,
+    table1,
+    table2,
+    write,
+)
+
+BASELINE_ROWS = ("large full FT", "large LoRA", "large multi-task FT")
+
+
+def reproduce(
+    out_dir: str | Path,
+    n: int = 50,
+    max_new_tokens: int = 48,
+    full: bool = False,
+    baselines_dir: str | Path = "zoo-baselines",
+    models_dir: str | Path = MODELS_DIR,
+    log=print,
+) -> dict[str, str]:
+    """Writes {table1, table2, icl, table3}.{json,md}, alpha_math.{png,json} (and, with `full`,
+    baselines.json) under `out_dir`; returns {name: Markdown} of the tables."""
+    out_dir, models_dir = Path(out_dir), Path(models_dir)
+    manifest = read_manifest(models_dir)
+    train_seconds = {name: m["train_seconds"] for name, m in manifest["models"].items()}
+    repro = Reproduction(n, max_new_tokens, models_dir, log=log)  # checks n before any training
+    committed = None
+    if full:
+        trained = train_baselines(baselines_dir, models_dir)
+        train_seconds.update({name: m["train_seconds"] for name, m in trained.items()})
+        repro.baselines = loadable_baselines(trained, models_dir, Path(baselines_dir) / "merged")
+    elif models_dir.resolve() != MODELS_DIR.resolve():
+        msg = (
+            "the committed baseline results are the shipped family's; use --full with --models-dir"
+        )
+        raise RequestError(msg)
+    else:
+        # Train times stay the build's: every model of it was timed under the same conditions.
+        repro.committed = committed = load_committed()
+
+    texts, measured = {}, {}
+    for table in (table1(), table2(), icl_table()):
+        measured[table.name] = results = repro.table(table)
+        texts[table.name] = markdown(table, results) + _committed_note(table, committed)
+        write(out_dir, table.name, results_json(results), texts[table.name])
+    cost = cost_table(measured["table1"], train_seconds)
+    texts["table3"] = cost_markdown(cost)
+    write(out_dir, "table3", cost, texts["table3"])
+
+    traces = repro.alpha_traces("math")
+    (out_dir / "alpha_math.json").write_text(json.dumps(traces, indent=2) + "\n")
+    plot_alpha(
+        {mode: t["alpha"] for mode, t in traces["traces"].items()},
+        out_dir / "alpha_math.png",
+        f"alpha per step, math eval question 0, expert from {traces['source']}",
+    )
+    if full:
+        results = {**measured["table1"], **measured["table2"]}
+        baseline_results = {
+            "n": n,
+            "max_new_tokens": max_new_tokens,
+            "rows": {row: results[row].scores for row in BASELINE_ROWS},
+            "train_seconds": {name: m["train_seconds"] for name, m in trained.items()},
+        }
+        (out_dir / "baselines.json").write_text(json.dumps(baseline_results, indent=2) + "\n")
+    return texts
+
+
+def _committed_note(table: Table, committed: dict | None) -> str:
+    if committed is None or not any(row.name in BASELINE_ROWS for row in table.rows):
+        return ""
+    return (
+        f"\n\n(committed): measured by `fusion-llm reproduce --full --n {committed['n']}` "
+        "(the large baselines are not shipped), not in this run."
+    )
