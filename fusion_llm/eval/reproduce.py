@@ -178,7 +178,8 @@ class Reproduction:
             small = self._model_path("small")
             return {"large": {"path": str(large)}, "small": {"path": str(small)}}, []
         experts = [task] if row.experts == "task" else list(SEEN_TASKS)
-        return zoo_config(experts, row.source, "full", row.mode, self.models_dir), experts
+        # The mode is chosen per request, so the rows of every mode share one engine.
+        return zoo_config(experts, row.source, "full", models_dir=self.models_dir), experts
 
     def alpha_traces(self, task: str = "math", source: str = "small", index: int = 0) -> dict:
         """The per-step alpha of the `paper` grid and the `dynamic` solver on one eval question,
@@ -218,13 +219,11 @@ class Reproduction:
             examples = self.examples(task)
             config, experts = self.config(row, task)
             engine = self.engine(config)
-            # mc is unseen in the multi-task setting: fusing the seen experts is the point there.
-            mode = row.mode if experts else "none"
             start = time.perf_counter()
             generations = engine.generate(
                 [self._prompt(e, row) for e in examples],
                 experts=experts,
-                mode=mode,
+                mode=row.mode,
                 max_new_tokens=self.max_new_tokens,
                 stop=["\n"],
                 truncate_prompt=True,  # a few-shot prompt over the context keeps its last shots

@@ -73,7 +73,8 @@ def train_baselines(
     spec, seed = get_scale(manifest["scale"]), manifest["seed"]
     world = make_world(seed, spec.n_people, n_misconceptions=spec.n_misconceptions)
     tokenizer = load_tokenizer(models_dir / "tokenizer")
-    # Saved in fp16; trained in fp32 as in a full build (whose large base was never rounded).
+    # Trained in fp32 like a full build, from the shipped fp16 weights (a full build starts from the
+    # unrounded base, so its baselines can differ from these in the last digits).
     large = AutoModelForCausalLM.from_pretrained(models_dir / "large", dtype=torch.float32)
     train_sets = _train_sets(world, spec)
     trained: dict[str, dict] = {}
