@@ -1,16 +1,17 @@
 """Table 3 of the paper on the shipped family: the wall time to train what each method needs, and
 its inference time per 1000 samples.
 
-Training seconds are each model's fine-tuning wall time summed over the five tasks, as the zoo build
-recorded them (every model timed by one build; with `--full`, the large baselines as retrained in that
-run); inference seconds from the Table 1 rows of the same run, so the ratios between methods
-are measured under one load. A large full FT or LoRA (merged) baseline runs exactly the large base's
-forwards, so it is charged the large base's measured inference time.
+Training seconds are each model's fine-tuning wall time summed over the five tasks, as the zoo
+build recorded them (every model timed by one build; with `--full`, the large baselines as retrained
+in that run). Inference seconds come from `Reproduction.timed` in the same run (rows interleaved,
+median of rounds), so the ratios between methods are measured under one load. A large full FT or
+LoRA (merged) baseline runs exactly the large base's forwards, so it is charged the large base's
+measured inference time.
 """
 
 from __future__ import annotations
 
-from .reproduce import FUSION_MODES, SOURCES, RowResult
+from .reproduce import FUSION_MODES, SOURCES, Row, RowResult, table1
 from .tasks import TASKS
 
 # method -> the Table 1 row whose measured inference time it is charged
@@ -33,12 +34,18 @@ def train_seconds(row: str, seconds: dict[str, float]) -> float | None:
     return sum(seconds[f"{source}-{task}"] for task in TASKS)
 
 
-def cost_table(table1: dict[str, RowResult], seconds: dict[str, float]) -> dict[str, dict]:
-    """{method: {"train_s", "infer_s_per_1000", "vs_large", "ms_per_token"}}."""
-    large = table1["large base"]
+def timed_rows() -> list[Row]:
+    """The Table 1 rows whose inference the cost table times."""
+    return [row for row in table1().rows if row.name in set(INFERENCE_ROW.values())]
+
+
+def cost_table(timed: dict[str, RowResult], seconds: dict[str, float]) -> dict[str, dict]:
+    """{method: {"train_s", "infer_s_per_1000", "vs_large", "ms_per_token"}} from the timed Table 1
+    rows and {model name: train seconds}."""
+    large = timed["large base"]
     table = {}
     for name, infer_row in INFERENCE_ROW.items():
-        measured = table1[infer_row]
+        measured = timed[infer_row]
         per_sample = measured.seconds / measured.samples
         table[name] = {
             "train_s": train_seconds(name, seconds),

@@ -10,6 +10,7 @@ rows it is compared with.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,7 +189,8 @@ class Reproduction:
         traces = {}
         for mode in ("paper", "dynamic"):
             config, experts = self.config(Row(mode, mode, source=source), task)
-            (generation,) = self.engine(config).generate(
+            engine = self.engine(config)
+            (generation,) = engine.generate(
                 [example.prompt],
                 experts=experts,
                 mode=mode,
@@ -197,6 +199,7 @@ class Reproduction:
             )
             traces[mode] = {
                 "alpha": [step[0] for step in generation.alpha],
+                "tokens": [engine.tokenizer.decode([i]) for i in generation.token_ids],
                 "text": generation.text,
             }
         return {"task": task, "source": source, "prompt": example.prompt, "answer": example.answer,
@@ -217,18 +220,8 @@ class Reproduction:
         result = RowResult(scores={}, seconds=0.0)
         for task in TASKS:
             examples = self.examples(task)
-            config, experts = self.config(row, task)
-            engine = self.engine(config)
-            start = time.perf_counter()
-            generations = engine.generate(
-                [self._prompt(e, row) for e in examples],
-                experts=experts,
-                mode=row.mode,
-                max_new_tokens=self.max_new_tokens,
-                stop=["\n"],
-                truncate_prompt=True,  # a few-shot prompt over the context keeps its last shots
-            )
-            result.seconds += time.perf_counter() - start
+            generations, seconds = self._generate(row, task, examples)
+            result.seconds += seconds
             result.samples += len(examples)
             result.new_tokens += sum(g.completion_tokens for g in generations)
             total = sum(
@@ -237,6 +230,44 @@ class Reproduction:
             result.scores[task] = 100 * total / len(examples)
         result.scores["avg"] = sum(result.scores[t] for t in TASKS) / len(TASKS)
         return result
+
+    def timed(self, rows: list[Row], per_task: int = 20, rounds: int = 3) -> dict[str, RowResult]:
+        """Inference time of each row on the first `per_task` questions of every task: the rows are
+        interleaved within each round so that drifting machine load hits them alike, and each
+        row's time is its median over the rounds."""
+        per_task = min(per_task, self.n)
+        times: dict[str, list[float]] = {row.name: [] for row in rows}
+        timed = {row.name: RowResult(scores={}) for row in rows}
+        for _ in range(rounds):
+            for row in rows:
+                result = timed[row.name]
+                result.samples = result.new_tokens = 0
+                seconds = 0.0
+                for task in TASKS:
+                    examples = self.examples(task)[:per_task]
+                    generations, task_seconds = self._generate(row, task, examples)
+                    seconds += task_seconds
+                    result.samples += len(examples)
+                    result.new_tokens += sum(g.completion_tokens for g in generations)
+                times[row.name].append(seconds)
+        for name, result in timed.items():
+            result.seconds = statistics.median(times[name])
+        return timed
+
+    def _generate(self, row: Row, task: str, examples: list[TaskExample]) -> tuple[list, float]:
+        """The row's generations for `examples` of `task` and their wall time (models loaded)."""
+        config, experts = self.config(row, task)
+        engine = self.engine(config)
+        start = time.perf_counter()
+        generations = engine.generate(
+            [self._prompt(e, row) for e in examples],
+            experts=experts,
+            mode=row.mode,
+            max_new_tokens=self.max_new_tokens,
+            stop=["\n"],
+            truncate_prompt=True,  # a few-shot prompt over the context keeps its last shots
+        )
+        return generations, time.perf_counter() - start
 
     def _committed_row(self, row: Row) -> RowResult:
         committed = self.committed or {}

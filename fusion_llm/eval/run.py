@@ -14,7 +14,7 @@ from ..errors import RequestError
 from ..zoo import MODELS_DIR, read_manifest
 from ..zoo.build import train_baselines
 from .baselines import load_committed, loadable_baselines
-from .cost import cost_markdown, cost_table
+from .cost import cost_markdown, cost_table, timed_rows
 from .figure import plot_alpha
 from .reproduce import (
     Reproduction,
@@ -64,16 +64,19 @@ def reproduce(
         measured[table.name] = results = repro.table(table)
         texts[table.name] = markdown(table, results) + _committed_note(table, committed)
         write(out_dir, table.name, results_json(results), texts[table.name])
-    cost = cost_table(measured["table1"], train_seconds)
+    cost = cost_table(repro.timed(timed_rows()), train_seconds)
     texts["table3"] = cost_markdown(cost)
     write(out_dir, "table3", cost, texts["table3"])
 
     traces = repro.alpha_traces("math")
     (out_dir / "alpha_math.json").write_text(json.dumps(traces, indent=2) + "\n")
+    runs = traces["traces"].values()
+    same_tokens = len({tuple(t["tokens"]) for t in runs}) == 1
     plot_alpha(
         {mode: t["alpha"] for mode, t in traces["traces"].items()},
         out_dir / "alpha_math.png",
         f"alpha per step, math eval question 0, expert from {traces['source']}",
+        tokens=traces["traces"]["dynamic"]["tokens"] if same_tokens else None,
     )
     if full:
         results = {**measured["table1"], **measured["table2"]}

@@ -79,6 +79,7 @@ def test_cost_table_uses_the_measured_train_times(full_run):
         sum(trained[f"large-{t}-lora"]["train_seconds"] for t in TASKS)
     )
     assert all(c["infer_s_per_1000"] > 0 for c in cost.values())
+    assert cost["large LoRA"]["infer_s_per_1000"] == cost["large base"]["infer_s_per_1000"]
 
 
 def test_alpha_figure_has_a_paper_and_a_dynamic_trace(full_run):
@@ -88,6 +89,7 @@ def test_alpha_figure_has_a_paper_and_a_dynamic_trace(full_run):
     assert set(traces) == {"paper", "dynamic"}
     for trace in traces.values():
         assert 1 <= len(trace["alpha"]) <= 3 and all(0.0 <= a <= 2.0 for a in trace["alpha"])
+        assert len(trace["tokens"]) == len(trace["alpha"])  # one generated token per step
     paper = traces["paper"]["alpha"]
     assert all(abs(10 * a - round(10 * a)) < 1e-4 for a in paper)  # on the paper's 0.1 grid
 
