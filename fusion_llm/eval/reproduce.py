@@ -123,18 +123,13 @@ def icl_table() -> Table:
 class Reproduction:
     """Evaluates rows on a built zoo, once per distinct setup, with one engine per distinct config.
 
-    `baselines` maps the large baseline models ("large-math", "large-math-lora", "large-multi", ...)
-    to loadable folders; without it their rows come from the committed results (quick mode).
+    Set `baselines` ({"large-math": folder, "large-math-lora": ..., "large-multi": ...}, folders the
+    engine loads as its large model) to evaluate the large baselines, or `committed` (the committed
+    results file) to read their rows from it (quick mode).
     """
 
     def __init__(
-        self,
-        n: int = 50,
-        max_new_tokens: int = 48,
-        models_dir: Path = MODELS_DIR,
-        baselines: dict[str, Path] | None = None,
-        committed: dict | None = None,
-        log=print,
+        self, n: int = 50, max_new_tokens: int = 48, models_dir: Path = MODELS_DIR, log=print
     ):
         manifest = read_manifest(Path(models_dir))
         self.scale, self.seed = manifest["scale"], manifest["seed"]
@@ -144,8 +139,8 @@ class Reproduction:
             raise RequestError(msg)
         self.n, self.max_new_tokens = n, max_new_tokens
         self.models_dir = Path(models_dir)
-        self.baselines = baselines
-        self.committed = committed
+        self.baselines: dict[str, Path] | None = None
+        self.committed: dict | None = None
         self.log = log
         self._engines: dict[str, FusionEngine] = {}
         self._results: dict[tuple, RowResult] = {}
