@@ -1,10 +1,12 @@
-"""Measure the automatic (likelihood-ratio) router on the shipped family's eval prompts.
+"""Measure the automatic routers on the shipped family's eval prompts.
 
-Every eval prompt of each task is routed with `route="auto"`; the report gives, per task, how
-often the task's own expert has the largest gain (`top1`), passes the threshold (`selected`) and
-is the only expert selected (`exact`).
+Every eval prompt of each task is routed with `--route auto` (likelihood ratio of each expert over
+the small base, no extra data) or `--route examples` (nearest centroid of each expert's example
+prompts, here the first `--examples` train prompts of its task, in the small base's embedding
+space). The report gives, per task, how often the task's own expert scores best (`top1`), is chosen
+(`selected`) and is the only one chosen (`exact`).
 
-    python cookbooks/router_accuracy.py --n 100 --threshold 0.0
+    python cookbooks/router_accuracy.py --n 100 --route examples
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--config", help="fusion config whose experts are named after zoo tasks")
     parser.add_argument("--tasks", nargs="+", default=list(SEEN_TASKS))
     parser.add_argument("--n", type=int, default=100, help="eval prompts per task")
-    parser.add_argument("--threshold", type=float, default=0.0, help="gain in nats per token")
+    parser.add_argument("--threshold", type=float, default=0.0, help="auto: gain in nats per token")
+    parser.add_argument("--route", choices=["auto", "examples"], default="auto")
+    parser.add_argument("--examples", type=int, default=20, help="train prompts per expert")
     args = parser.parse_args(argv)
-    engine = FusionEngine(fusion_config(args.config, args.tasks))
+    config = fusion_config(args.config, args.tasks)
+    if args.route == "examples" and not args.config:
+        for expert in config["experts"]:  # the zoo: experts are named after their tasks
+            examples = load_task(expert["name"], "train", args.examples)
+            expert["examples"] = [e.prompt for e in examples]
+    engine = FusionEngine(config)
     labelled = {task: [e.prompt for e in load_task(task, n=args.n)] for task in args.tasks}
-    report = routing_accuracy(TaskRouter(engine, args.threshold), labelled)
+    report = routing_accuracy(TaskRouter(engine, args.threshold), labelled, route=args.route)
     print(f"{'task':<10} {'top1':>6} {'selected':>9} {'exact':>6}")
     for task, scores in report.items():
         print(

@@ -233,18 +233,22 @@ class TaskRouter:
 
 
 def routing_accuracy(
-    router: TaskRouter, labelled: Mapping[str, Sequence[str]], batch_size: int = 16
+    router: TaskRouter,
+    labelled: Mapping[str, Sequence[str]],
+    batch_size: int = 16,
+    route: Literal["auto", "examples"] = "auto",
 ) -> dict[str, dict[str, float]]:
-    """How well `auto` routes prompts labelled with their task (= the expert that should win).
+    """How well an automatic route (`auto` or `examples`) routes prompts labelled with their task
+    (= the expert that should win).
 
-    Per task and overall: `top1` (the largest gain is the task's expert), `selected` (the task's
-    expert passes the threshold) and `exact` (it is the only expert selected).
+    Per task and overall: `top1` (the task's expert has the best score), `selected` (it is among
+    the experts chosen) and `exact` (it is the only expert chosen).
     """
     rows: dict[str, list[tuple[bool, bool, bool]]] = {}
     for task, prompts in labelled.items():
         for start in range(0, len(prompts), batch_size):
             chunk = [FusionPrompt(p) for p in prompts[start : start + batch_size]]
-            for decision in router.decide(chunk, "auto", "default"):
+            for decision in router.decide(chunk, route, "default"):
                 top = max(decision.scores, key=decision.scores.get)
                 hits = (top == task, task in decision.experts, decision.experts == [task])
                 rows.setdefault(task, []).append(hits)

@@ -88,5 +88,8 @@ def test_router_accuracy_on_the_shipped_family(cookbook) -> None:
         zoo_config(["math"])
     except (ZooNotBuiltError, KeyError):
         pytest.skip("the shipped model family is not built")
-    report = cookbook("router_accuracy").main(["--n", "4", "--tasks", "math", "summary"])
-    assert 0.0 <= report["all"]["top1"] <= 1.0
+    auto = cookbook("router_accuracy").main(["--n", "4", "--tasks", "math", "summary"])
+    assert set(auto) == {"math", "summary", "all"} and 0.0 <= auto["all"]["top1"] <= 1.0
+    args = ["--n", "4", "--tasks", "truthful", "mc", "--route", "examples", "--examples", "8"]
+    nearest = cookbook("router_accuracy").main(args)
+    assert nearest["all"] == {"top1": 1.0, "selected": 1.0, "exact": 1.0}  # one format, two tasks

@@ -185,3 +185,10 @@ def test_example_similarities_do_not_depend_on_batch_padding(example_engine) -> 
 def test_examples_route_without_examples_is_a_request_error(twin_engine) -> None:
     with pytest.raises(RequestError, match="set `examples` on the experts"):
         TaskRouter(twin_engine).decide(PROMPTS, "examples", "call")
+
+
+def test_routing_accuracy_measures_the_examples_route(example_engine) -> None:
+    report = routing_accuracy(
+        TaskRouter(example_engine), {"lora_a": [PROMPTS[1].text]}, route="examples"
+    )
+    assert report["lora_a"] == report["all"] == {"top1": 1.0, "selected": 1.0, "exact": 1.0}
