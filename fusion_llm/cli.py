@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         help="retrain the large baselines (about 20 min) instead of reading their committed results",
     )
     reproduce.add_argument(
-        "--baselines", type=Path, default=Path("zoo-baselines"), help="where --full puts them"
+        "--baselines",
+        type=Path,
+        help="where --full puts the large baselines (default: zoo-baselines/)",
     )
     reproduce.add_argument(
         "--models-dir", type=Path, help="a zoo built by `fusion-llm zoo build` (default: shipped)"
@@ -185,6 +187,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .eval.run import reproduce
     from .zoo import MODELS_DIR
 
+    if args.baselines and not args.full:
+        raise RequestError("--baselines is where --full puts the retrained baselines; add --full")
     texts = reproduce(
         args.out,
         n=args.n,

@@ -23,7 +23,7 @@ COMMITTED_RESULTS = MODELS_DIR.parent / "results" / "baselines.json"
 
 
 def load_committed(path: Path = COMMITTED_RESULTS) -> dict:
-    """{"n", "max_new_tokens", "rows": {row name: scores}, "train_seconds": {model: s}}."""
+    """{"n", "max_new_tokens", "rows": {row name: {task: score, "avg": mean}}}."""
     if not path.exists():
         msg = f"no committed baseline results at {path}; run `fusion-llm reproduce --full`"
         raise ModelNotFoundError(msg)

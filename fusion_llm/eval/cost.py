@@ -1,54 +1,60 @@
 """Table 3 of the paper on the shipped family: the wall time to train what each method needs, and
 its inference time per 1000 samples.
 
-Training seconds are each model's fine-tuning wall time summed over the five tasks, as the zoo
-build recorded them (every model timed by one build; with `--full`, the large baselines as retrained
-in that run). Inference seconds come from `Reproduction.timed` in the same run (rows interleaved,
-median of rounds), so the ratios between methods are measured under one load. A large full FT or
-LoRA (merged) baseline runs exactly the large base's forwards, so it is charged the large base's
+Training seconds are each model's fine-tuning wall time per task, as the zoo build recorded them
+(every model timed by one build; with `--full`, the large baselines as retrained in that run).
+Inference seconds come from `Reproduction.timed` in the same run (rows interleaved, median of
+rounds), so the ratios between methods are measured under one load. A large full FT or LoRA
+(merged) baseline runs exactly the large base's forwards, so it is charged the large base's
 measured inference time.
 """
 
 from __future__ import annotations
 
-from .reproduce import FUSION_MODES, SOURCES, Row, RowResult, table1
+from .reproduce import FUSION_MODES, Row, RowResult, table1
 from .tasks import TASKS
 
-# method -> the Table 1 row whose measured inference time it is charged
-INFERENCE_ROW = {
-    "large base": "large base",
-    "large full FT": "large base",
-    "large LoRA": "large base",
-    **{f"{m} from {s}": f"{m} from {s}" for s in SOURCES for m in FUSION_MODES},
-}
+
+def cost_rows() -> list[Row]:
+    """The Table 1 rows Table 3 prices: the large base, its fine-tuned baselines, every fusion row."""
+    return [
+        row
+        for row in table1().rows
+        if row.mode in FUSION_MODES or (row.mode == "none" and row.model.startswith("large"))
+    ]
 
 
-def train_seconds(row: str, seconds: dict[str, float]) -> float | None:
-    """Seconds to train the five task models `row` needs, from {model name: train seconds}."""
-    if row == "large base":
-        return None
-    if row.startswith("large "):
-        suffix = "-lora" if row == "large LoRA" else ""
-        return sum(seconds[f"large-{task}{suffix}"] for task in TASKS)
-    source = row.rsplit(" ", 1)[-1]
-    return sum(seconds[f"{source}-{task}"] for task in TASKS)
+def trained_models(row: Row) -> list[str]:
+    """The zoo models `row` needs fine-tuned, one per task (none for the large base)."""
+    if row.mode in FUSION_MODES:
+        return [f"{row.source}-{task}" for task in TASKS]  # the full fine-tunes fusion rows fuse
+    return [] if row.model == "large" else [row.model.format(task=task) for task in TASKS]
+
+
+def inference_row(row: Row) -> str:
+    """The row whose measured inference time `row` is charged."""
+    return row.name if row.mode in FUSION_MODES else "large base"
 
 
 def timed_rows() -> list[Row]:
-    """The Table 1 rows whose inference the cost table times."""
-    return [row for row in table1().rows if row.name in set(INFERENCE_ROW.values())]
+    """The rows whose inference `Reproduction.timed` measures for this table."""
+    return [row for row in cost_rows() if inference_row(row) == row.name]
 
 
 def cost_table(timed: dict[str, RowResult], seconds: dict[str, float]) -> dict[str, dict]:
-    """{method: {"train_s", "infer_s_per_1000", "vs_large", "ms_per_token"}} from the timed Table 1
-    rows and {model name: train seconds}."""
+    """{method: {"train_s": {task: s} or None, "train_total_s", "infer_s_per_1000", "vs_large",
+    "ms_per_token"}} from the timed rows and {model name: train seconds}."""
     large = timed["large base"]
     table = {}
-    for name, infer_row in INFERENCE_ROW.items():
-        measured = timed[infer_row]
+    for row in cost_rows():
+        models = trained_models(row)
+        measured = timed[inference_row(row)]
         per_sample = measured.seconds / measured.samples
-        table[name] = {
-            "train_s": train_seconds(name, seconds),
+        table[row.name] = {
+            "train_s": {t: seconds[m] for t, m in zip(TASKS, models, strict=True)}
+            if models
+            else None,
+            "train_total_s": sum(seconds[m] for m in models) if models else None,
             "infer_s_per_1000": 1000 * per_sample,
             "vs_large": per_sample / (large.seconds / large.samples),
             "ms_per_token": 1000 * measured.seconds / max(1, measured.new_tokens),
@@ -57,14 +63,18 @@ def cost_table(timed: dict[str, RowResult], seconds: dict[str, float]) -> dict[s
 
 
 def cost_markdown(table: dict[str, dict]) -> str:
-    lines = [
-        "| method | train s (5 tasks) | inference s / 1000 samples | x large alone | ms / new token |",
-        "|---|---|---|---|---|",
+    header = [
+        "method",
+        *[f"train s: {t}" for t in TASKS],
+        "train s: total",
+        "inference s / 1000 samples",
+        "x large alone",
+        "ms / new token",
     ]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, c in table.items():
-        train = "-" if c["train_s"] is None else f"{c['train_s']:.0f}"
-        lines.append(
-            f"| {name} | {train} | {c['infer_s_per_1000']:.1f} | {c['vs_large']:.2f} "
-            f"| {c['ms_per_token']:.2f} |"
-        )
+        train = [f"{c['train_s'][t]:.1f}" for t in TASKS] if c["train_s"] else ["-"] * len(TASKS)
+        total = "-" if c["train_total_s"] is None else f"{c['train_total_s']:.0f}"
+        cells = [name, *train, total, f"{c['infer_s_per_1000']:.1f}", f"{c['vs_large']:.2f}"]
+        lines.append("| " + " | ".join([*cells, f"{c['ms_per_token']:.2f}"]) + " |")
     return "\n".join(lines)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..engine import FusionEngine, FusionPrompt
 from ..errors import RequestError
 from ..zoo import MODELS_DIR, read_manifest, zoo_config, zoo_path
+from ..zoo.scales import get_scale
 from .metrics import score
 from .tasks import SEEN_TASKS, TASKS, TaskExample, few_shot_prompt, load_task
 
@@ -33,9 +34,8 @@ class Row:
     model: str = "large"  # zoo model name, "{task}" is filled in (e.g. "small-{task}")
     source: str = "small"  # fusion: the base whose experts are fused
     experts: str = "task"  # fusion: "task" (the question's own expert) or "seen" (all four seen)
-    large_shots: int = (
-        0  # solved train examples put before the question in the large model's prompt
-    )
+    # solved train examples put before the question in the large model's prompt (ICL rows)
+    large_shots: int = 0
     group: str | None = None  # rows of one source size; the best of a group is marked
     own_expert: str | None = None  # the expert row a fusion row is compared with
 
@@ -48,7 +48,6 @@ class Row:
 @dataclass(frozen=True)
 class Table:
     name: str  # file stem of the results
-    title: str
     rows: tuple[Row, ...]
     full_ft: str | None = None  # the row that "gap closed" is measured against
 
@@ -60,6 +59,7 @@ class RowResult:
     samples: int = 0
     new_tokens: int = 0
     committed: bool = False  # read from the committed baseline results, not measured in this run
+    comparable: bool = True  # False: committed at another n or max_new_tokens than this run's
 
 
 def table1() -> Table:
@@ -76,7 +76,7 @@ def table1() -> Table:
             Row(f"{mode} from {source}", mode, source=source, group=source, own_expert=expert)
             for mode in FUSION_MODES
         ]
-    return Table("table1", "Table 1: single task", tuple(rows), full_ft="large full FT")
+    return Table("table1", tuple(rows), full_ft="large full FT")
 
 
 def table2() -> Table:
@@ -96,7 +96,7 @@ def table2() -> Table:
             )  # fmt: skip
             for mode in ("paper", "dynamic")
         ]
-    return Table("table2", "Table 2: multi-task", tuple(rows), full_ft="large multi-task FT")
+    return Table("table2", tuple(rows), full_ft="large multi-task FT")
 
 
 def icl_table() -> Table:
@@ -107,17 +107,12 @@ def icl_table() -> Table:
         Row(f"large {ICL_SHOTS}-shot", "none", large_shots=ICL_SHOTS),
     ]
     for source in SOURCES:
+        fused = Row(f"dynamic from {source}", "dynamic", source=source, group=source)
         rows += [
-            Row(f"dynamic from {source}", "dynamic", source=source, group=source),
-            Row(
-                f"dynamic from {source} + {ICL_SHOTS}-shot",
-                "dynamic",
-                source=source,
-                large_shots=ICL_SHOTS,
-                group=source,
-            ),  # fmt: skip
+            fused,
+            replace(fused, name=f"{fused.name} + {ICL_SHOTS}-shot", large_shots=ICL_SHOTS),
         ]
-    return Table("icl", f"ICL: {ICL_SHOTS}-shot prompts for the large model", tuple(rows))
+    return Table("icl", tuple(rows))
 
 
 class Reproduction:
@@ -133,7 +128,7 @@ class Reproduction:
     ):
         manifest = read_manifest(Path(models_dir))
         self.scale, self.seed = manifest["scale"], manifest["seed"]
-        available = len(load_task(TASKS[0], "eval", None, self.scale, self.seed))
+        available = get_scale(self.scale).n_eval
         if not 1 <= n <= available or max_new_tokens < 1:
             msg = f"n must be in 1..{available} (eval questions per task) and max_new_tokens >= 1"
             raise RequestError(msg)
@@ -174,20 +169,23 @@ class Reproduction:
             small = self._model_path("small")
             return {"large": {"path": str(large)}, "small": {"path": str(small)}}, []
         experts = [task] if row.experts == "task" else list(SEEN_TASKS)
-        # The mode is chosen per request, so the rows of every mode share one engine.
-        return zoo_config(experts, row.source, "full", models_dir=self.models_dir), experts
+        return self.fusion_config(experts, row.source), experts
+
+    def fusion_config(self, experts: list[str], source: str) -> dict:
+        """The large base fused with the full fine-tunes of `source` for `experts`. The mode is
+        chosen per request, so the rows of every mode share one engine."""
+        return zoo_config(experts, source, "full", models_dir=self.models_dir)
 
     def alpha_traces(self, task: str = "math", source: str = "small", index: int = 0) -> dict:
         """The per-step alpha of the `paper` grid and the `dynamic` solver on one eval question,
         fusing that task's expert from `source` (the data of the paper's Fig. 3)."""
         example = self.examples(task)[index]
         traces = {}
+        engine = self.engine(self.fusion_config([task], source))
         for mode in ("paper", "dynamic"):
-            config, experts = self.config(Row(mode, mode, source=source), task)
-            engine = self.engine(config)
             (generation,) = engine.generate(
                 [example.prompt],
-                experts=experts,
+                experts=[task],
                 mode=mode,
                 max_new_tokens=self.max_new_tokens,
                 stop=["\n"],
@@ -197,8 +195,8 @@ class Reproduction:
                 "tokens": [engine.tokenizer.decode([i]) for i in generation.token_ids],
                 "text": generation.text,
             }
-        return {"task": task, "source": source, "prompt": example.prompt, "answer": example.answer,
-                "traces": traces}  # fmt: skip
+        question = {"task": task, "source": source, "prompt": example.prompt}
+        return {**question, "answer": example.answer, "traces": traces}
 
     def _model_path(self, name: str) -> Path:
         if self.baselines is not None and name in self.baselines:
@@ -269,7 +267,13 @@ class Reproduction:
         if row.name not in committed.get("rows", {}):
             msg = f"no committed result for {row.name!r}; run `fusion-llm reproduce --full`"
             raise RequestError(msg)
-        return RowResult(scores=committed["rows"][row.name], committed=True)
+        same_settings = (committed["n"], committed["max_new_tokens"]) == (
+            self.n,
+            self.max_new_tokens,
+        )
+        return RowResult(
+            scores=committed["rows"][row.name], committed=True, comparable=same_settings
+        )
 
 
 def gap_closed(method: float, base: float, full_ft: float) -> float | None:
@@ -279,7 +283,8 @@ def gap_closed(method: float, base: float, full_ft: float) -> float | None:
 
 def markdown(table: Table, results: dict[str, RowResult]) -> str:
     """The table with the best value of each column within a source size in bold, and a dagger
-    where a fusion row beats its own expert; a "gap closed" column when the table has a full FT."""
+    where a fusion row beats its own expert; a "gap closed" column when the table has a full FT
+    (left empty when that row was committed at other settings than this run's)."""
     columns = [*TASKS, "avg"]
     header = ["row", *columns] + (["gap closed"] if table.full_ft else [])
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -300,16 +305,13 @@ def markdown(table: Table, results: dict[str, RowResult]) -> str:
                 cell = f"**{cell}**"
             cells.append(cell)
         if table.full_ft:
+            full_ft = results[table.full_ft]
             gap = gap_closed(
-                scores["avg"],
-                results["large base"].scores["avg"],
-                results[table.full_ft].scores["avg"],
+                scores["avg"], results["large base"].scores["avg"], full_ft.scores["avg"]
             )
-            cells.append(
-                "-"
-                if gap is None or row.name in ("large base", table.full_ft)
-                else f"{100 * gap:.1f} %"
-            )
+            shown = full_ft.comparable and results[row.name].comparable
+            shown = shown and gap is not None and row.name not in ("large base", table.full_ft)
+            cells.append(f"{100 * gap:.1f} %" if shown else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import RequestError
 from ..zoo import MODELS_DIR, read_manifest
-from ..zoo.build import train_baselines
+from ..zoo.build import DEFAULT_BASELINES_DIR, train_baselines
 from .baselines import load_committed, loadable_baselines
 from .cost import cost_markdown, cost_table, timed_rows
 from .figure import plot_alpha
@@ -35,7 +35,7 @@ def reproduce(
     n: int = 50,
     max_new_tokens: int = 48,
     full: bool = False,
-    baselines_dir: str | Path = "zoo-baselines",
+    baselines_dir: str | Path | None = None,
     models_dir: str | Path = MODELS_DIR,
     log=print,
 ) -> dict[str, str]:
@@ -47,9 +47,10 @@ def reproduce(
     repro = Reproduction(n, max_new_tokens, models_dir, log=log)  # checks n before any training
     committed = None
     if full:
+        baselines_dir = Path(baselines_dir or DEFAULT_BASELINES_DIR)
         trained = train_baselines(baselines_dir, models_dir)
         train_seconds.update({name: m["train_seconds"] for name, m in trained.items()})
-        repro.baselines = loadable_baselines(trained, models_dir, Path(baselines_dir) / "merged")
+        repro.baselines = loadable_baselines(trained, models_dir, baselines_dir / "merged")
     elif models_dir.resolve() != MODELS_DIR.resolve():
         msg = (
             "the committed baseline results are the shipped family's; use --full with --models-dir"
@@ -62,7 +63,9 @@ def reproduce(
     texts, measured = {}, {}
     for table in (table1(), table2(), icl_table()):
         measured[table.name] = results = repro.table(table)
-        texts[table.name] = markdown(table, results) + _committed_note(table, committed)
+        texts[table.name] = markdown(table, results) + _committed_note(
+            table, committed, n, max_new_tokens
+        )
         write(out_dir, table.name, results_json(results), texts[table.name])
     cost = cost_table(repro.timed(timed_rows()), train_seconds)
     texts["table3"] = cost_markdown(cost)
@@ -84,16 +87,19 @@ def reproduce(
             "n": n,
             "max_new_tokens": max_new_tokens,
             "rows": {row: results[row].scores for row in BASELINE_ROWS},
-            "train_seconds": {name: m["train_seconds"] for name, m in trained.items()},
         }
         (out_dir / "baselines.json").write_text(json.dumps(baseline_results, indent=2) + "\n")
     return texts
 
 
-def _committed_note(table: Table, committed: dict | None) -> str:
+def _committed_note(table: Table, committed: dict | None, n: int, max_new_tokens: int) -> str:
     if committed is None or not any(row.name in BASELINE_ROWS for row in table.rows):
         return ""
-    return (
-        f"\n\n(committed): measured by `fusion-llm reproduce --full --n {committed['n']}` "
+    settings = f"--n {committed['n']} --max-new-tokens {committed['max_new_tokens']}"
+    note = (
+        f"\n\n(committed): measured by `fusion-llm reproduce --full {settings}` "
         "(the large baselines are not shipped), not in this run."
     )
+    if (committed["n"], committed["max_new_tokens"]) != (n, max_new_tokens):
+        note += " This run used other settings, so gap closed is left out."
+    return note

@@ -4,11 +4,10 @@ config, so the family runs through the same public loading code as a user's own 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fusion_llm.errors import ModelNotFoundError
-from fusion_llm.zoo.build import MANIFEST, build_zoo
+from fusion_llm.zoo.build import build_zoo
+from fusion_llm.zoo.manifest import ZooNotBuiltError, read_manifest
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_EXPERT_KIND = {"small": "lora", "mid": "full"}  # mid has full fine-tunes only
@@ -22,18 +21,6 @@ __all__ = [
     "zoo_info",
     "zoo_path",
 ]
-
-
-class ZooNotBuiltError(ModelNotFoundError):
-    """The zoo's model folder is missing (a source checkout without weights, a wrong --models-dir)."""
-
-
-def read_manifest(models_dir: Path = MODELS_DIR) -> dict:
-    path = models_dir / MANIFEST
-    if not path.exists():
-        msg = f"no zoo found at {models_dir}; create it with `fusion-llm zoo build`"
-        raise ZooNotBuiltError(msg)
-    return json.loads(path.read_text())
 
 
 def zoo_path(name: str, models_dir: Path = MODELS_DIR) -> Path:

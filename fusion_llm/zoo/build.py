@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from fusion_llm.zoo.manifest import read_manifest, write_manifest
 from fusion_llm.zoo.probe import probe
 from fusion_llm.zoo.scales import get_scale
 from fusion_llm.zoo.task_families import SEEN_TASKS, TASKS, task_examples
@@ -22,8 +23,8 @@ from fusion_llm.zoo.tokenizer import load_tokenizer, save_tokenizer, train_token
 from fusion_llm.zoo.train import finetune, new_base, param_count, pretrain, save
 from fusion_llm.zoo.world import make_world
 
-MANIFEST = "zoo.json"
 BASES = ("small", "mid", "large")
+DEFAULT_BASELINES_DIR = Path("zoo-baselines")  # the large baselines: not shipped
 log = logging.getLogger(__name__)
 
 
@@ -60,16 +61,12 @@ def _train_sets(world, spec) -> dict[str, list]:
     return sets
 
 
-def train_baselines(
-    baselines_dir: str | Path, models_dir: str | Path, threads: int | None = None
-) -> dict[str, dict]:
+def train_baselines(baselines_dir: str | Path, models_dir: str | Path) -> dict[str, dict]:
     """Re-train only the large baselines (full fine-tune and LoRA per task, multi-task fine-tune) on
     the large base saved in `models_dir`, at the scale and seed its manifest records. Returns
     {name: {"kind", "task", "train_seconds", "path"}}, also written to `baselines_dir/zoo.json`."""
-    if threads is not None:
-        torch.set_num_threads(threads)
     models_dir, baselines_dir = Path(models_dir), Path(baselines_dir)
-    manifest = json.loads((models_dir / MANIFEST).read_text())
+    manifest = read_manifest(models_dir)
     spec, seed = get_scale(manifest["scale"]), manifest["seed"]
     world = make_world(seed, spec.n_people, n_misconceptions=spec.n_misconceptions)
     tokenizer = load_tokenizer(models_dir / "tokenizer")
@@ -92,14 +89,8 @@ def train_baselines(
             "train_seconds": round(seconds, 1),
             "path": str((baselines_dir / name).resolve()),
         }
-        _write_manifest(
-            baselines_dir, {"scale": manifest["scale"], "seed": seed, "models": trained}
-        )
+        write_manifest(baselines_dir, {"scale": manifest["scale"], "seed": seed, "models": trained})
     return trained
-
-
-def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def build_zoo(
@@ -143,7 +134,7 @@ def build_zoo(
             "shipped": shipped,
             "path": str(directory.resolve()) if not shipped else name,
         }
-        _write_manifest(out_dir, manifest)
+        write_manifest(out_dir, manifest)
         log.info("saved %s (%s params, %.0f s)", name, f"{trainable:,}", seconds)
 
     bases = {}
@@ -162,7 +153,7 @@ def build_zoo(
         record(name, model, "base", None, None, time.perf_counter() - start, out_dir / name)
         manifest["models"][name]["final_loss"] = round(loss, 4)
         manifest["probe"][name] = probe(model, tokenizer, world, spec.n_eval)
-        _write_manifest(out_dir, manifest)
+        write_manifest(out_dir, manifest)
         log.info("probe %s: %s", name, json.dumps(manifest["probe"][name]))
         bases[name] = model
 

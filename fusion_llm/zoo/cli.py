@@ -7,8 +7,7 @@ import logging
 from pathlib import Path
 
 from fusion_llm.zoo import MODELS_DIR, build_zoo, zoo_info
-
-DEFAULT_BASELINES_DIR = Path("zoo-baselines")
+from fusion_llm.zoo.build import DEFAULT_BASELINES_DIR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

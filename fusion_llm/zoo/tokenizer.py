@@ -18,8 +18,9 @@ from fusion_llm.zoo.corpus import pretraining_pass
 from fusion_llm.zoo.world import World
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-# Chat in the task format the experts were fine-tuned on: a user turn is a question, the reply its
-# answer; a system message is a line of its own (the models were never trained on roles).
+# Chat in the question format of the zoo's QA tasks (`Question: ...\nAnswer:`, as the experts were
+# fine-tuned): a user turn is a question, the reply its answer, a system message a line of its own
+# (the models were never trained on roles). `summary` prompts (`Article:`) are not chat.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n"

@@ -17,7 +17,7 @@ def test_every_shipped_model_has_the_one_shared_tokenizer():
         assert (MODELS_DIR / name / "model.safetensors").exists() or (
             MODELS_DIR / name / "adapter_model.safetensors"
         ).exists()
-    assert read_manifest()["scale"] == "full"
+    assert read_manifest(MODELS_DIR)["scale"] == "full"
 
 
 def test_all_experts_of_each_source_load_into_one_engine_and_fuse():

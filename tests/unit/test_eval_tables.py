@@ -34,11 +34,16 @@ def test_markdown_bolds_the_best_per_source_and_daggers_fusion_over_its_expert()
     assert len(lines) == len(table.rows)
 
 
-def test_committed_rows_are_labelled():
-    table = Table("t", "t", table2().rows[:2], full_ft="large multi-task FT")
-    results = {"large base": _result(10.0), "large multi-task FT": _result(20.0)}
+def test_committed_rows_are_labelled_and_gap_closed_needs_the_same_settings():
+    table = Table("t", table2().rows[:3], full_ft="large multi-task FT")
+    names = [row.name for row in table.rows]
+    results = {name: _result(v) for name, v in zip(names, (10, 20, 15), strict=True)}
     results["large multi-task FT"].committed = True
-    assert "| large multi-task FT (committed) |" in markdown(table, results)
+    text = markdown(table, results)
+    assert "| large multi-task FT (committed) |" in text
+    assert text.splitlines()[-1].endswith("| 50.0 % |")  # (15 - 10) / (20 - 10)
+    results["large multi-task FT"].comparable = False  # committed at another --n
+    assert markdown(table, results).splitlines()[-1].endswith("| - |")
 
 
 def test_cost_table_sums_the_five_experts_and_charges_baselines_the_large_forwards():
@@ -46,10 +51,14 @@ def test_cost_table_sums_the_five_experts_and_charges_baselines_the_large_forwar
     rows["dynamic from small"] = _result(0.0, seconds=5.0, tokens=200)
     seconds = {f"{base}-{t}": 1.0 for base in ("small", "mid", "large") for t in TASKS}
     seconds |= {f"large-{t}-lora": 3.0 for t in TASKS}
+    seconds["mid-math"] = 4.0
     cost = cost_table(rows, seconds)
-    assert cost["large base"]["train_s"] is None
-    assert cost["large full FT"]["train_s"] == 5.0 and cost["large LoRA"]["train_s"] == 15.0
-    assert cost["dynamic from mid"]["train_s"] == 5.0
+    assert cost["large base"]["train_s"] is None and cost["large base"]["train_total_s"] is None
+    assert cost["large full FT"]["train_total_s"] == 5.0
+    assert cost["large LoRA"]["train_total_s"] == 15.0
+    assert cost["dynamic from mid"]["train_s"] == {t: 4.0 if t == "math" else 1.0 for t in TASKS}
+    assert cost["static from mid"]["train_total_s"] == 8.0
+    assert set(cost) == {r.name for r in table1().rows} - {"small expert", "mid expert"}
     assert cost["large LoRA"]["infer_s_per_1000"] == cost["large base"]["infer_s_per_1000"] == 200.0
     assert cost["dynamic from small"]["vs_large"] == pytest.approx(2.5)
     assert cost["dynamic from small"]["ms_per_token"] == pytest.approx(25.0)

@@ -9,8 +9,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusion_llm.zoo import ZooNotBuiltError, zoo_config, zoo_info, zoo_path
-from fusion_llm.zoo.build import finetune_runs
+from fusion_llm.zoo import ZooNotBuiltError, build, zoo_config, zoo_info, zoo_path
 from fusion_llm.zoo.cli import register
 from fusion_llm.zoo.task_families import TASKS
 from fusion_llm.zoo.tokenizer import CHAT_TEMPLATE
@@ -103,11 +102,20 @@ def test_cli_registers_zoo_build_and_info(toy_zoo, capsys):
     assert all(name in listing for name in _expected_shipped())
 
 
-def test_baselines_retrained_alone_get_the_seeds_of_a_full_build():
-    everything = finetune_runs(with_baselines=True)
-    shipped = finetune_runs(with_baselines=False)
-    assert [r for r in everything if r[1] != "large"] == shipped
-    assert len({offset for offset, *_ in everything}) == len(everything)  # one seed per model
-    assert {(base, lora) for _, base, _, lora in everything} == {
-        ("small", False), ("small", True), ("mid", False), ("large", False), ("large", True)
-    }  # fmt: skip
+def test_baselines_retrained_alone_get_the_seeds_of_a_full_build(toy_zoo, tmp_path, monkeypatch):
+    root, _ = toy_zoo
+    seeds: dict[str, dict[str, int]] = {"build": {}, "alone": {}}
+    real_finetune = build.finetune
+
+    def recording(base, examples, tokenizer, spec, lora, seed, desc):
+        seeds[phase][desc.removeprefix("finetune ")] = seed
+        return real_finetune(base, examples, tokenizer, spec, lora, seed, desc)
+
+    monkeypatch.setattr(build, "finetune", recording)
+    phase = "build"
+    build.build_zoo(tmp_path / "models", scale="toy", seed=0, baselines_dir=tmp_path / "baselines")
+    phase = "alone"
+    build.train_baselines(tmp_path / "again", root / "models")
+    large = {name: seed for name, seed in seeds["build"].items() if name.startswith("large-")}
+    assert len(large) == 11 and seeds["alone"] == large
+    assert len(set(seeds["build"].values())) == len(seeds["build"])  # one seed per model
