@@ -40,6 +40,11 @@ class Row:
     own_expert: str | None = None  # the expert row a fusion row is compared with
 
     @property
+    def is_baseline(self) -> bool:
+        """A large fine-tuned baseline: not shipped, so quick mode reads its committed scores."""
+        return self.model.startswith("large-")
+
+    @property
     def setup(self) -> tuple:
         """What the row computes; rows with the same setup share one evaluation."""
         return (self.mode, self.model, self.source, self.experts, self.large_shots)
@@ -137,6 +142,7 @@ class Reproduction:
         self.baselines: dict[str, Path] | None = None
         self.committed: dict | None = None
         self.log = log
+        self._examples = {t: load_task(t, "eval", n, self.scale, self.seed) for t in TASKS}
         self._engines: dict[str, FusionEngine] = {}
         self._results: dict[tuple, RowResult] = {}
 
@@ -145,16 +151,13 @@ class Reproduction:
 
     def row(self, row: Row) -> RowResult:
         if row.setup not in self._results:
-            if row.model.startswith("large-") and self.baselines is None:
+            if row.is_baseline and self.baselines is None:
                 result = self._committed_row(row)
             else:
                 result = self._evaluate(row)
             self._results[row.setup] = result
             self.log(f"{row.name}: " + " ".join(f"{t} {v:.1f}" for t, v in result.scores.items()))
         return self._results[row.setup]
-
-    def examples(self, task: str) -> list[TaskExample]:
-        return load_task(task, "eval", self.n, self.scale, self.seed)
 
     def engine(self, config: dict) -> FusionEngine:
         key = json.dumps(config, sort_keys=True)
@@ -179,7 +182,7 @@ class Reproduction:
     def alpha_traces(self, task: str = "math", source: str = "small", index: int = 0) -> dict:
         """The per-step alpha of the `paper` grid and the `dynamic` solver on one eval question,
         fusing that task's expert from `source` (the data of the paper's Fig. 3)."""
-        example = self.examples(task)[index]
+        example = self._examples[task][index]
         traces = {}
         engine = self.engine(self.fusion_config([task], source))
         for mode in ("paper", "dynamic"):
@@ -209,10 +212,12 @@ class Reproduction:
             large = few_shot_prompt(example, row.large_shots, self.scale, self.seed)
         return FusionPrompt(example.prompt, large=large)
 
-    def _evaluate(self, row: Row) -> RowResult:
+    def _evaluate(self, row: Row, per_task: int | None = None) -> RowResult:
+        """Scores and wall time of `row` on the first `per_task` (default: all n) questions of
+        every task."""
         result = RowResult(scores={}, seconds=0.0)
         for task in TASKS:
-            examples = self.examples(task)
+            examples = self._examples[task][:per_task]
             generations, seconds = self._generate(row, task, examples)
             result.seconds += seconds
             result.samples += len(examples)
@@ -227,24 +232,15 @@ class Reproduction:
     def timed(self, rows: list[Row], per_task: int = 20, rounds: int = 3) -> dict[str, RowResult]:
         """Inference time of each row on the first `per_task` questions of every task: the rows are
         interleaved within each round so that drifting machine load hits them alike, and each
-        row's time is its median over the rounds."""
-        per_task = min(per_task, self.n)
-        times: dict[str, list[float]] = {row.name: [] for row in rows}
-        timed = {row.name: RowResult(scores={}) for row in rows}
+        row's time is its median over the rounds (greedy: every round generates the same)."""
+        runs = {row.name: [] for row in rows}
         for _ in range(rounds):
             for row in rows:
-                result = timed[row.name]
-                result.samples = result.new_tokens = 0
-                seconds = 0.0
-                for task in TASKS:
-                    examples = self.examples(task)[:per_task]
-                    generations, task_seconds = self._generate(row, task, examples)
-                    seconds += task_seconds
-                    result.samples += len(examples)
-                    result.new_tokens += sum(g.completion_tokens for g in generations)
-                times[row.name].append(seconds)
-        for name, result in timed.items():
-            result.seconds = statistics.median(times[name])
+                runs[row.name].append(self._evaluate(row, per_task))
+        timed = {}
+        for name, results in runs.items():
+            timed[name] = results[0]
+            timed[name].seconds = statistics.median(r.seconds for r in results)
         return timed
 
     def _generate(self, row: Row, task: str, examples: list[TaskExample]) -> tuple[list, float]:
@@ -317,9 +313,14 @@ def markdown(table: Table, results: dict[str, RowResult]) -> str:
 
 
 def write(out_dir: Path, name: str, data: dict, text: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    """`name`.json and `name`.md under `out_dir`."""
+    write_json(out_dir / f"{name}.json", data)
     (out_dir / f"{name}.md").write_text(text + "\n")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def results_json(results: dict[str, RowResult]) -> dict:

@@ -7,7 +7,6 @@ zoo recipe and evaluates them in the same run, and writes `baselines.json` in th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import RequestError
@@ -18,16 +17,15 @@ from .cost import cost_markdown, cost_table, timed_rows
 from .figure import plot_alpha
 from .reproduce import (
     Reproduction,
-    Table,
+    RowResult,
     icl_table,
     markdown,
     results_json,
     table1,
     table2,
     write,
+    write_json,
 )
-
-BASELINE_ROWS = ("large full FT", "large LoRA", "large multi-task FT")
 
 
 def reproduce(
@@ -63,16 +61,14 @@ def reproduce(
     texts, measured = {}, {}
     for table in (table1(), table2(), icl_table()):
         measured[table.name] = results = repro.table(table)
-        texts[table.name] = markdown(table, results) + _committed_note(
-            table, committed, n, max_new_tokens
-        )
+        texts[table.name] = markdown(table, results) + _committed_note(results, committed)
         write(out_dir, table.name, results_json(results), texts[table.name])
     cost = cost_table(repro.timed(timed_rows()), train_seconds)
     texts["table3"] = cost_markdown(cost)
     write(out_dir, "table3", cost, texts["table3"])
 
     traces = repro.alpha_traces("math")
-    (out_dir / "alpha_math.json").write_text(json.dumps(traces, indent=2) + "\n")
+    write_json(out_dir / "alpha_math.json", traces)
     runs = traces["traces"].values()
     same_tokens = len({tuple(t["tokens"]) for t in runs}) == 1
     plot_alpha(
@@ -82,24 +78,25 @@ def reproduce(
         tokens=traces["traces"]["dynamic"]["tokens"] if same_tokens else None,
     )
     if full:
-        results = {**measured["table1"], **measured["table2"]}
-        baseline_results = {
-            "n": n,
-            "max_new_tokens": max_new_tokens,
-            "rows": {row: results[row].scores for row in BASELINE_ROWS},
+        rows = {
+            row.name: measured[table.name][row.name].scores
+            for table in (table1(), table2())
+            for row in table.rows
+            if row.is_baseline
         }
-        (out_dir / "baselines.json").write_text(json.dumps(baseline_results, indent=2) + "\n")
+        baseline_results = {"n": n, "max_new_tokens": max_new_tokens, "rows": rows}
+        write_json(out_dir / "baselines.json", baseline_results)
     return texts
 
 
-def _committed_note(table: Table, committed: dict | None, n: int, max_new_tokens: int) -> str:
-    if committed is None or not any(row.name in BASELINE_ROWS for row in table.rows):
+def _committed_note(results: dict[str, RowResult], committed: dict | None) -> str:
+    if not any(result.committed for result in results.values()):
         return ""
     settings = f"--n {committed['n']} --max-new-tokens {committed['max_new_tokens']}"
     note = (
         f"\n\n(committed): measured by `fusion-llm reproduce --full {settings}` "
         "(the large baselines are not shipped), not in this run."
     )
-    if (committed["n"], committed["max_new_tokens"]) != (n, max_new_tokens):
+    if not all(result.comparable for result in results.values()):
         note += " This run used other settings, so gap closed is left out."
     return note

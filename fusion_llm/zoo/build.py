@@ -32,9 +32,10 @@ def finetune_name(base: str, task: str, lora: bool) -> str:
     return f"{base}-{task}" + ("-lora" if lora else "")
 
 
-def finetune_runs(with_baselines: bool) -> list[tuple[int, str, str, bool]]:
-    """(seed offset, base, task, lora) of every fine-tune in build order. The offsets do not depend
-    on `with_baselines`, so the large baselines retrained alone get the seeds a full build gives."""
+def finetune_runs(bases: tuple[str, ...] = BASES) -> list[tuple[int, str, str, bool]]:
+    """(seed offset, base, task, lora) of the fine-tunes of `bases`, in build order. The offsets
+    number every fine-tune of a full build, so a subset (the large baselines retrained alone) gets
+    the seeds a full build gives it."""
     runs = [
         (base, task, lora)
         for task in (*TASKS, "multi")
@@ -48,9 +49,7 @@ def finetune_runs(with_baselines: bool) -> list[tuple[int, str, str, bool]]:
         if not (lora and task == "multi")
     ]
     return [
-        (100 + k, base, task, lora)
-        for k, (base, task, lora) in enumerate(runs)
-        if with_baselines or base != "large"
+        (100 + k, base, task, lora) for k, (base, task, lora) in enumerate(runs) if base in bases
     ]
 
 
@@ -75,9 +74,7 @@ def train_baselines(baselines_dir: str | Path, models_dir: str | Path) -> dict[s
     large = AutoModelForCausalLM.from_pretrained(models_dir / "large", dtype=torch.float32)
     train_sets = _train_sets(world, spec)
     trained: dict[str, dict] = {}
-    for offset, base, task, lora in finetune_runs(with_baselines=True):
-        if base != "large":
-            continue
+    for offset, base, task, lora in finetune_runs(("large",)):
         name = finetune_name(base, task, lora)
         model, seconds = finetune(
             large, train_sets[task], tokenizer, spec, lora, seed + offset, f"finetune {name}"
@@ -158,7 +155,7 @@ def build_zoo(
         bases[name] = model
 
     train_sets = _train_sets(world, spec)
-    for offset, base, task, lora in finetune_runs(with_baselines=baselines_dir is not None):
+    for offset, base, task, lora in finetune_runs(BASES if baselines_dir else ("small", "mid")):
         name = finetune_name(base, task, lora)
         shipped = base != "large"
         model, seconds = finetune(
