@@ -5,6 +5,13 @@ One worker thread owns the models: it collects what arrives within a short windo
 requests that can share a batch (same mode and sampling; sampled requests only alone, so a seed
 keeps its meaning), decodes them as one `DecodeBatch` (experts as the union with a per-row mask,
 each row with its own budget and stop strings) and routes each step's rows back to their request.
+A request larger than `max_rows` is decoded in parts of at most `max_rows` rows.
+
+Faults stay with their request: a row without a finite large-model logit fails its own request
+only, and when a merged batch raises, each request of it runs again alone (already delivered steps
+are skipped), so only the request at fault gets the error. Whatever a forward raises (any
+`BaseException`), the caller gets a typed error and the worker goes on; a dead worker is restarted
+by the next `submit`.
 A request whose reader goes away is cancelled: its rows leave the batch at the next step.
 """
 
@@ -21,7 +28,7 @@ import torch
 
 from .config import GenerationSpec
 from .decoding import GREEDY_TEMPERATURE, DecodeBatch, PromptBatch, decode
-from .errors import DeviceError
+from .errors import DecoderFaultError, DeviceError, FusionError, NumericalFaultError
 from .fusion import AlphaSolver
 from .models import ModelSet
 
@@ -49,6 +56,24 @@ class Request:
         alone = id(self) if self.spec.temperature >= GREEDY_TEMPERATURE else None
         return (self.mode, sampling, frozenset(self.eos_ids), alone)
 
+    def parts(self, max_rows: int) -> list[tuple[int, Request]]:
+        """(first row, sub-request) pieces of at most `max_rows` rows each."""
+        if self.rows <= max_rows:
+            return [(0, self)]
+        pieces = []
+        for start in range(0, self.rows, max_rows):
+            rows = slice(start, start + max_rows)
+            row_experts = self.row_experts[rows]
+            used = {e for names in row_experts for e in names}
+            tokens = PromptBatch(
+                self.tokens.large[rows],
+                self.tokens.small[rows],
+                {name: ids[rows] for name, ids in self.tokens.experts.items() if name in used},
+            )
+            experts = [e for e in self.experts if e in used]
+            pieces.append((start, Request(tokens, experts, self.mode, self.spec, self.eos_ids, row_experts)))
+        return pieces
+
 
 @dataclass
 class RowEvent:
@@ -59,13 +84,75 @@ class RowEvent:
     finished: str | None
 
 
+class Submission:
+    """One caller's request as the decoder sees it: where events go, cancellation, parts left.
+
+    Events (lists of `RowEvent`) go to `put`, then DONE once every part has finished, or a single
+    typed error instead (after which nothing more is sent).
+    """
+
+    def __init__(self, put: Callable[[object], None], parts: int):
+        self._put = put
+        self._parts_left = parts
+        self._lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.failed = False
+
+    @property
+    def finished(self) -> bool:
+        return self.failed or self.cancelled.is_set()
+
+    def deliver(self, events: list[RowEvent]) -> None:
+        if not self.failed:
+            self._put(events)
+
+    def fail(self, error: FusionError) -> None:
+        with self._lock:
+            if self.failed:
+                return
+            self.failed = True
+        self.cancelled.set()  # the request's other rows and parts stop
+        self._put(error)
+
+    def part_done(self) -> None:
+        with self._lock:
+            self._parts_left -= 1
+            last = self._parts_left == 0 and not self.failed
+        if last:
+            self._put(DONE)
+
+
 @dataclass
 class Ticket:
-    """A submitted request: where its events go (`put`) and its cancellation flag."""
+    """One part of a submission, as queued for the decoder."""
 
     request: Request
-    put: Callable[[object], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    first_row: int  # index of this part's first row in the submitted request
+    submission: Submission
+    delivered: list[int] = field(default_factory=list)  # steps given out per row
+    done: bool = False  # every row finished: the caller has had its answer
+
+    def __post_init__(self) -> None:
+        self.delivered = [0] * self.request.rows
+
+
+def typed_fault(fault: BaseException) -> FusionError:
+    """What a caller receives for an exception raised while its rows were decoded."""
+    if isinstance(fault, FusionError):
+        return fault
+    if isinstance(fault, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return DeviceError(
+            "the accelerator ran out of memory; lower the batch size or max_new_tokens"
+        )
+    detail = str(fault).strip().splitlines()[0] if str(fault).strip() else ""
+    error = DecoderFaultError(
+        f"decoding failed inside a model forward ({type(fault).__name__}"
+        + (f": {detail[:300]}" if detail else "")
+        + "); the engine is ready for the next call"
+    )
+    error.__cause__ = fault
+    return error
 
 
 class MicroBatcher:
@@ -90,32 +177,40 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
-    def submit(self, request: Request, put: Callable[[object], None]) -> Ticket:
-        """Queue a request; its events (lists of `RowEvent`, an exception, then DONE) go to `put`."""
-        ticket = Ticket(request, put)
+    def submit(self, request: Request, put: Callable[[object], None]) -> Submission:
+        """Queue a request; its events (lists of `RowEvent`, then DONE, or an error) go to `put`."""
+        parts = request.parts(self._max_rows)
+        submission = Submission(put, len(parts))
         with self._lock:
-            self._incoming.put(ticket)
-            if self._worker is None:
+            for first_row, part in parts:
+                self._incoming.put(Ticket(part, first_row, submission))
+            if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(
                     target=self._serve, name="fusion-llm-decoder", daemon=True
                 )
                 self._worker.start()
-        return ticket
+        return submission
 
     def _serve(self) -> None:
         backlog: deque[Ticket] = deque()
-        while True:
-            if not backlog:
-                try:
-                    backlog.append(self._incoming.get(timeout=self._idle_s))
-                except queue.Empty:
-                    with self._lock:  # submit() holds this lock: no request slips through
-                        if self._incoming.empty():
-                            self._worker = None
-                            return
-                    continue
-            self._collect(backlog)
-            self._run(self._take_group(backlog))
+        try:
+            while True:
+                if not backlog:
+                    try:
+                        backlog.append(self._incoming.get(timeout=self._idle_s))
+                    except queue.Empty:
+                        with self._lock:  # submit() holds this lock: no request slips through
+                            if self._incoming.empty():
+                                self._worker = None
+                                return
+                        continue
+                self._collect(backlog)
+                self._run(self._take_group(backlog))
+        except BaseException as fault:  # a bug of the batcher itself: fail what it holds, not hang
+            for ticket in backlog:
+                ticket.submission.fail(typed_fault(fault))
+            with self._lock:
+                self._worker = None  # the next submit starts a new worker for what is queued
 
     def _collect(self, backlog: deque[Ticket]) -> None:
         """Gather what arrives within the window (and whatever is already waiting)."""
@@ -131,38 +226,38 @@ class MicroBatcher:
         group, rows, rest = [], 0, deque()
         while backlog:
             ticket = backlog.popleft()
+            if ticket.submission.finished:
+                ticket.submission.part_done()
+                continue
             fits = ticket.request.batch_key() == key and (
                 not group or rows + ticket.request.rows <= self._max_rows
             )
-            if fits and not ticket.cancelled.is_set():
+            if fits:
                 group.append(ticket)
                 rows += ticket.request.rows
-            elif not ticket.cancelled.is_set():
-                rest.append(ticket)
             else:
-                ticket.put(DONE)
+                rest.append(ticket)
         backlog.extend(rest)
         return group
 
     def _run(self, group: list[Ticket]) -> None:
+        """Decode a group; if it raises, find whose fault it is by running each request alone."""
         if not group:
             return
         try:
             with self._models_lock:
                 self._decode(group)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            error = DeviceError(
-                "the accelerator ran out of memory; lower the batch size or max_new_tokens"
-            )
+        except BaseException as fault:  # noqa: BLE001 - a forward may raise anything; we live on
+            if len(group) == 1:
+                group[0].submission.fail(typed_fault(fault))
+                return
             for ticket in group:
-                ticket.put(error)
-        except Exception as error:  # handed to every caller of the batch; the worker lives on
-            for ticket in group:
-                ticket.put(error)
-        else:
-            for ticket in group:
-                ticket.put(DONE)
+                if not ticket.done and not ticket.submission.finished:
+                    self._run([ticket])
+            return
+        for ticket in group:
+            if not ticket.done:
+                ticket.submission.part_done()
 
     def _decode(self, group: list[Ticket]) -> None:
         first = group[0].request
@@ -192,6 +287,8 @@ class MicroBatcher:
             active=torch.tensor(active_rows, dtype=torch.bool) if experts else None,
         )
         index = {id(t): i for i, t in enumerate(group)}
+        produced = [0] * len(owner)  # steps this decode made per row (a rerun skips delivered ones)
+        rows_finished = [0] * len(group)
         cancelled: set[int] = set()
         steps = decode(
             self._models(),
@@ -204,22 +301,43 @@ class MicroBatcher:
         try:
             for step in steps:
                 per_ticket: dict[int, list[RowEvent]] = {}
+                faulty: set[int] = set()
                 for i, row in enumerate(step.rows):
                     ticket = owner[row]
                     k = index[id(ticket)]
+                    local = row - offsets[k]
+                    produced[row] += 1
+                    if step.finished.get(row) == "fault":
+                        faulty.add(k)
+                    elif step.finished.get(row) is not None:
+                        rows_finished[k] += 1
+                    if produced[row] <= ticket.delivered[local]:
+                        continue
+                    ticket.delivered[local] = produced[row]
                     alpha = step.alpha[i, row_columns[row]].tolist() if row_columns[row] else []
                     event = RowEvent(
-                        row - offsets[k],
+                        ticket.first_row + local,
                         step.tokens[i],
                         alpha,
                         step.fallback[i],
                         step.finished.get(row),
                     )
                     per_ticket.setdefault(k, []).append(event)
+                for k in faulty:
+                    group[k].submission.fail(
+                        NumericalFaultError(
+                            "the large model produced no finite logit for a row of this request; "
+                            "nothing can be sampled from it (check the model's weights and dtype)"
+                        )
+                    )
                 for k, events in per_ticket.items():
-                    group[k].put(events)
+                    group[k].submission.deliver(events)
                 for k, ticket in enumerate(group):
-                    if ticket.cancelled.is_set():
+                    if not ticket.done and rows_finished[k] == ticket.request.rows:
+                        ticket.done = True  # answered now, not when the longest row ends
+                        ticket.submission.part_done()
+                for k, ticket in enumerate(group):
+                    if ticket.submission.finished:
                         cancelled.update(range(offsets[k], offsets[k] + ticket.request.rows))
                 if len(cancelled) == len(owner):
                     return

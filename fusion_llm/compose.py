@@ -34,6 +34,7 @@ from .models import load_model
 Tensor = torch.Tensor
 DEFAULT_FOLDER = Path(tempfile.gettempdir()) / "fusion-llm-merged"
 _write_lock = threading.Lock()  # one writer per merged expert, across composers
+MERGE_ADAPTER = "fusion_merge"  # the merge's adapter name while it is built inside the PeftModel
 
 
 def merge_state_dicts(
@@ -70,7 +71,7 @@ def merge_lora_adapters(
 
 
 def merged_expert_name(experts: Sequence[str]) -> str:
-    """`a__b` for experts a and b, in order (valid as an expert name and as a peft adapter name)."""
+    """`a__b` for experts a and b, in order (valid as an expert name)."""
     return "__".join(experts)
 
 
@@ -100,23 +101,24 @@ class WeightComposer:
         target = self.folder / _folder_name(config, experts, lambdas)
         with _write_lock:
             if not target.exists():
-                self._write(experts, lambdas, name, target)
+                self._write(experts, lambdas, target)
         kind = "lora" if (target / "adapter_config.json").exists() else "full"
         merged = ExpertSpec(name=name, path=str(target), kind=kind, device=config.small.device)
         return config.model_copy(update={"experts": [*(specs[e] for e in experts), merged]})
 
-    def _write(self, experts: Sequence[str], lambdas: list[float], name: str, target: Path) -> None:
+    def _write(self, experts: Sequence[str], lambdas: list[float], target: Path) -> None:
         models = self.engine.models
         lora = [e in models.lora_experts for e in experts]
         if all(lora):
             # The small PeftModel is shared with generation: hold the engine's lock while editing it.
             with self.engine.exclusive():
                 peft_model = models.small.model
-                merge_lora_adapters(peft_model, experts, lambdas, name)
+                adapters = [models.lora_experts[e] for e in experts]
+                merge_lora_adapters(peft_model, adapters, lambdas, MERGE_ADAPTER)
                 staging = target.parent / f".{target.name}"
-                peft_model.save_pretrained(staging, selected_adapters=[name])
-                peft_model.delete_adapter(name)
-            (staging / name).rename(target)  # peft saves a non-default adapter in a subfolder
+                peft_model.save_pretrained(staging, selected_adapters=[MERGE_ADAPTER])
+                peft_model.delete_adapter(MERGE_ADAPTER)
+            (staging / MERGE_ADAPTER).rename(target)  # peft saves it in a subfolder
             shutil.rmtree(staging)
             return
         if any(lora):

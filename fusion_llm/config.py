@@ -9,6 +9,8 @@ path of the offending field in the message.
 from __future__ import annotations
 
 import json
+import os
+import reprlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +26,18 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 FusionMode = Literal["none", "static", "paper", "dynamic"]
+GateMode = Literal["off", "warn", "enforce"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Above this a request is almost certainly a mistake (and would allocate a huge KV cache).
 MAX_NEW_TOKENS_LIMIT = 1_000_000
+# What one request may cost the shared decoder: stop strings are checked at every step.
+MAX_STOP_STRINGS = 32
+MAX_STOP_LENGTH = 256
+# |alpha| beyond this only saturates the fused distribution (and overflows float32 later).
+ALPHA_LIMIT = 100.0
+# The paper grid has 21 points; beyond this a grid step is a mistake that costs a pass per point.
+MAX_GRID_POINTS = 1001
+SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
 
 
 class _Spec(BaseModel):
@@ -56,6 +67,11 @@ class ModelSpec(_Spec):
         False, description="Allow pickle (`.bin`) weights; safetensors only when false."
     )
 
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _expand_home(cls, location: str | None) -> str | None:
+        return os.path.expanduser(location) if location and location.startswith("~") else location
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
@@ -74,19 +90,36 @@ class ExpertSpec(ModelSpec):
         "auto", description="`auto` detects a LoRA adapter by its adapter_config.json."
     )
     alpha: float = Field(
-        1.0, description="Weight in `static` mode, and lambda in task-arithmetic composition."
+        1.0,
+        ge=-ALPHA_LIMIT,
+        le=ALPHA_LIMIT,
+        description="Weight in `static` mode, and lambda in task-arithmetic composition.",
     )
     description: str = Field("", description="What the expert is for (read by routers).")
-    examples: list[str] = Field(default_factory=list, description="Example prompts for routers.")
+    examples: list[str] = Field(
+        default_factory=list,
+        description="Example prompts for routers; empty: those in the expert's card, if any.",
+    )
+    card: str | None = Field(
+        None,
+        description="The expert's card (examples, gate verdicts) written by `fusion-llm "
+        "train-expert` / `fusion-llm gate`; None: `fusion_expert.json` in `path`.",
+    )
 
 
 class FusionSpec(_Spec):
     """How the experts' logit differences are weighted at each step."""
 
     mode: FusionMode = Field("dynamic", description="none | static | paper | dynamic.")
-    alpha_min: float = Field(0.0, description="Lower bound of alpha for `dynamic`.")
-    alpha_max: float = Field(2.0, description="Upper bound of alpha for `dynamic` and `paper`.")
-    grid_step: float = Field(0.1, gt=0, description="Grid step of the `paper` solver.")
+    alpha_min: float = Field(
+        0.0, ge=-ALPHA_LIMIT, le=ALPHA_LIMIT, description="Lower bound of alpha (`paper`, `dynamic`)."
+    )
+    alpha_max: float = Field(
+        2.0, ge=-ALPHA_LIMIT, le=ALPHA_LIMIT, description="Upper bound of alpha (`paper`, `dynamic`)."
+    )
+    grid_step: float = Field(
+        0.1, gt=0, description="Grid step of `paper` (and the scan of `dynamic`); divides the range."
+    )
     newton_steps: int = Field(
         3, ge=1, le=50, description="Safeguarded Newton iterations of the `dynamic` solver."
     )
@@ -99,6 +132,20 @@ class FusionSpec(_Spec):
                 "swap them or widen the range"
             )
             raise ValueError(msg)
+        intervals = (self.alpha_max - self.alpha_min) / self.grid_step
+        if intervals + 1 > MAX_GRID_POINTS:
+            msg = (
+                f"grid_step {self.grid_step} makes {intervals + 1:.0f} grid points over "
+                f"[{self.alpha_min}, {self.alpha_max}]; at most {MAX_GRID_POINTS} (e.g. grid_step: 0.1)"
+            )
+            raise ValueError(msg)
+        if round(intervals) < 1 or abs(intervals - round(intervals)) > 1e-6 * max(1.0, intervals):
+            fitting = (self.alpha_max - self.alpha_min) / max(1, round(intervals))
+            msg = (
+                f"grid_step {self.grid_step} does not divide [{self.alpha_min}, {self.alpha_max}] "
+                f"into whole steps, so the grid would miss alpha_max; use e.g. grid_step: {fitting:.6g}"
+            )
+            raise ValueError(msg)
         return self
 
 
@@ -109,8 +156,14 @@ class GenerationSpec(_Spec):
     temperature: float = Field(0.0, ge=0, description="0 (or below 1e-5) means greedy decoding.")
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, description="Seed of the sampler; fixed seed, same output.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings, cut from the text.")
+    seed: int | None = Field(
+        None, ge=0, lt=SEED_LIMIT, description="Seed of the sampler (0 <= seed < 2**64)."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_STRINGS,
+        description=f"Stop strings (at most {MAX_STOP_STRINGS}, each up to {MAX_STOP_LENGTH} characters), cut from the text.",
+    )
     truncate_prompt: bool = Field(
         False, description="Drop the oldest prompt tokens instead of failing when it is too long."
     )
@@ -123,6 +176,9 @@ class GenerationSpec(_Spec):
     def _non_empty_stops(cls, stop: list[str]) -> list[str]:
         if any(s == "" for s in stop):
             raise ValueError("stop strings must be non-empty; remove the empty string")
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            msg = f"each stop string may have at most {MAX_STOP_LENGTH} characters"
+            raise ValueError(msg)
         return stop
 
     def updated(self, **overrides: Any) -> GenerationSpec:
@@ -153,6 +209,11 @@ class FusionConfig(_Spec):
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    gate: GateMode = Field(
+        "warn",
+        description="What the router does with an expert whose card says fusing it lowers the "
+        "likelihood of validation references: off (ignore), warn, enforce (never activate it).",
+    )
 
     @field_validator("experts")
     @classmethod
@@ -177,8 +238,12 @@ class FusionConfig(_Spec):
         if not isinstance(data, dict):
             msg = f"a config must be a mapping of fields, got {type(data).__name__}"
             raise ConfigError(msg)
+        if isinstance(source, (str, Path)):
+            data = _paths_relative_to(Path(source).parent, data)
         try:
-            return cls.model_validate(data)
+            # Values read from a file must have the declared types (TOML `temperature = true` is
+            # no temperature); Python callers keep pydantic's usual conversions.
+            return cls.model_validate(data, strict=isinstance(source, (str, Path)))
         except ValidationError as err:
             raise ConfigError(_describe(err, "config")) from None
 
@@ -209,11 +274,43 @@ def _read_file(path: Path) -> Any:
     raise ConfigError(msg)
 
 
+def _paths_relative_to(folder: Path, data: dict) -> dict:
+    """A config file's relative model paths (`path`, `tokenizer`) are read from the file's folder,
+    whatever the working directory: one that exists there, or starts with `./` or `../`, becomes
+    that absolute folder; anything else (a hub id such as `org/name`) stays as written."""
+
+    def resolved(spec: Any) -> Any:
+        if not isinstance(spec, dict):
+            return spec  # validation reports it
+        spec = dict(spec)
+        for key in ("path", "tokenizer"):
+            value = spec.get(key)
+            if not isinstance(value, str) or not value or Path(value).is_absolute():
+                continue
+            if value.startswith(("./", "../")) or (folder / value).exists():
+                spec[key] = str((folder / value).resolve())
+        return spec
+
+    data = {**data, **{k: resolved(data[k]) for k in ("large", "small") if k in data}}
+    if isinstance(data.get("experts"), list):
+        data["experts"] = [resolved(e) for e in data["experts"]]
+    return data
+
+
+_echo = reprlib.Repr()  # echoes of bad input stay short (a YAML alias bomb expands hugely)
+_echo.maxstring = _echo.maxother = 80
+_echo.maxlist = _echo.maxdict = 4
+_echo.maxlevel = 2
+
+
 def _describe(err: ValidationError, what: str) -> str:
-    """One line per invalid field: `field.path: problem (got value)`."""
+    """One line per invalid field: `field.path: problem (got value)`; echoed values are bounded."""
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:10]:
         where = ".".join(str(p) for p in e["loc"]) or what
-        got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+        got = f" (got {_echo.repr(e['input'])})" if e["type"] != "missing" else ""
         lines.append(f"{where}: {e['msg']}{got}")
+    if len(errors) > 10:
+        lines.append(f"and {len(errors) - 10} more")
     return f"invalid {what}: " + "; ".join(lines)

@@ -92,8 +92,9 @@ class SmallPool:
 
     def __init__(self, models: ModelSet, experts: Sequence[str], batch: int):
         self.experts = list(experts)
+        self.vocab = models.vocab_size  # experts may have extra (special) ids: fuse the common ones
         lora = [e for e in self.experts if e in models.lora_experts]
-        names = [BASE_ADAPTER, *lora] if models.lora_experts else None
+        names = [BASE_ADAPTER, *(models.lora_experts[e] for e in lora)] if models.lora_experts else None
         self.lora_count = len(lora)
         self.shared = CacheRunner(
             models.small, None if names is None else [n for n in names for _ in range(batch)]
@@ -127,9 +128,9 @@ class SmallPool:
 
     def _split(self, shared: Tensor, full: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(small base logits [B, V], expert logits [B, T, V] in `self.experts` order)."""
-        blocks = shared.view(1 + self.lora_count, self.batch, -1)
+        blocks = shared.view(1 + self.lora_count, self.batch, -1)[..., : self.vocab]
         by_name = {name: blocks[1 + k] for k, name in enumerate(self.lora_order)}
-        by_name.update({e: z.to(blocks.device) for e, z in full.items()})
+        by_name.update({e: z[:, : self.vocab].to(blocks.device) for e, z in full.items()})
         return blocks[0], torch.stack([by_name[e] for e in self.experts], dim=1)
 
 
@@ -150,7 +151,8 @@ class Step:
     tokens: list[int]
     alpha: Tensor  # [n, T] on CPU
     fallback: list[bool]
-    finished: dict[int, str] = field(default_factory=dict)  # row -> "eos" | "stop" | "length"
+    # row -> "eos" | "stop" | "length" | "cancelled" | "fault" (no finite large logit)
+    finished: dict[int, str] = field(default_factory=dict)
 
 
 def build_sampler(spec: GenerationSpec) -> Callable[[Tensor, Tensor], Tensor]:
@@ -246,8 +248,8 @@ def decode(
     for count in range(1, max(batch.max_new_tokens) + 1):
         fused: FusedStep = fusion_step(
             large_logits[:, :vocab],
-            None if pool is None else small_logits[:, :vocab].to(device),
-            None if pool is None else expert_logits[..., :vocab].to(device),
+            None if pool is None else small_logits.to(device),
+            None if pool is None else expert_logits.to(device),
             active,
             solver,
         )
@@ -256,10 +258,13 @@ def decode(
 
         live = rows.tolist()
         token_list = tokens.tolist()
+        faults = fused.fault.tolist()
         stopped = _stopped(checkers, generated, [batch.stops[r] for r in live])
         finished: dict[int, str] = {}
         for i, (row, token) in enumerate(zip(live, token_list, strict=True)):
-            if row in cancelled:
+            if faults[i]:
+                finished[i] = "fault"
+            elif row in cancelled:
                 finished[i] = "cancelled"
             elif token in eos_ids:
                 finished[i] = "eos"

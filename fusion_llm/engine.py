@@ -172,7 +172,11 @@ class FusionEngine:
 
     @property
     def context_window(self) -> int | None:
-        return self.models.large.context_window
+        """The smallest context window of the models that read a prompt (every one is enforced)."""
+        models = self.models
+        readers = [models.large, models.small, *models.full_experts.values()]
+        windows = [m.context_window for m in readers if m.context_window is not None]
+        return min(windows, default=None)
 
     @property
     def tokenizer(self):
@@ -217,7 +221,7 @@ class FusionEngine:
 
     def _prepare(self, prompts, experts, mode, overrides) -> Request:
         """Validate and tokenize a request; raises typed errors before any decoding."""
-        batch = _as_prompts(prompts)
+        batch = _as_prompts(prompts, self.expert_names)
         spec = self.config.generation.updated(**overrides)
         mode = self._resolve_mode(mode)
         row_experts = [
@@ -360,26 +364,38 @@ class FusionEngine:
         self, batch: list[FusionPrompt], chosen: list[str], spec: GenerationSpec
     ) -> PromptBatch:
         models = self.models
-        large = [self._encode(models.large, p.large or p.text, p, spec) for p in batch]
+        large = [self._encode([models.large], p.large or p.text, p, spec) for p in batch]
         if not chosen:
             return PromptBatch(large=large, small=[])
-        small = [self._encode(models.small, p.small or p.text, p, spec) for p in batch]
+        # Experts without a rendering of their own read the small base's ids: check their windows too.
+        full = [models.full_experts[e] for e in chosen if e in models.full_experts]
+        small_readers = [models.small, *full]
+        small = [self._encode(small_readers, p.small or p.text, p, spec) for p in batch]
         experts = {}
         for name in chosen:
             if any(name in p.experts for p in batch):
                 owner = models.full_experts.get(name, models.small)
                 experts[name] = [
-                    self._encode(owner, p.experts.get(name, p.small or p.text), p, spec)
+                    self._encode([owner], p.experts.get(name, p.small or p.text), p, spec)
                     for p in batch
                 ]
         return PromptBatch(large=large, small=small, experts=experts)
 
     def _encode(
-        self, model: LoadedModel, text: str, prompt: FusionPrompt, spec: GenerationSpec
+        self,
+        readers: list[LoadedModel],
+        text: str,
+        prompt: FusionPrompt,
+        spec: GenerationSpec,
     ) -> list[int]:
-        ids = model.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
-        window = model.context_window
-        if window is None or len(ids) + spec.max_new_tokens <= window:
+        """Token ids of `text` for the models in `readers` (which share a tokenizer), fitted to
+        the smallest of their context windows."""
+        ids = readers[0].tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+        windows = [(m.context_window, m) for m in readers if m.context_window is not None]
+        if not windows:
+            return ids
+        window, model = min(windows, key=lambda pair: pair[0])
+        if len(ids) + spec.max_new_tokens <= window:
             return ids
         room = window - spec.max_new_tokens
         if spec.truncate_prompt and room > 0:
@@ -406,7 +422,7 @@ def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChun
             yield StreamChunk(event.row, delta)
 
 
-def _as_prompts(prompts: Any) -> list[FusionPrompt]:
+def _as_prompts(prompts: Any, expert_names: Sequence[str]) -> list[FusionPrompt]:
     items = [prompts] if isinstance(prompts, (str, FusionPrompt)) else prompts
     if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
         msg = f"prompts must be a string, a FusionPrompt or a list of them, got {type(prompts).__name__}"
@@ -417,14 +433,43 @@ def _as_prompts(prompts: Any) -> list[FusionPrompt]:
     for i, item in enumerate(items):
         if isinstance(item, str):
             item = FusionPrompt(item)
-        if not isinstance(item, FusionPrompt) or not isinstance(item.text, str):
+        if not isinstance(item, FusionPrompt):
             msg = f"prompt {i} must be a string or a FusionPrompt, got {type(item).__name__}"
             raise RequestError(msg)
+        _check_renderings(item, i, expert_names)
         if not item.text.strip():
             msg = f"prompt {i} is empty or whitespace; give the model something to continue"
             raise RequestError(msg)
         batch.append(item)
     return batch
+
+
+def _check_renderings(prompt: FusionPrompt, index: int, expert_names: Sequence[str]) -> None:
+    """Every rendering of a prompt is a string of valid Unicode, for a configured expert."""
+    if not isinstance(prompt.experts, Mapping):
+        msg = f"prompt {index}: FusionPrompt.experts must map expert names to prompts, got {type(prompt.experts).__name__}"
+        raise RequestError(msg)
+    unknown = [name for name in prompt.experts if name not in expert_names]
+    if unknown:
+        known = ", ".join(expert_names) or "none configured"
+        msg = f"prompt {index}: FusionPrompt.experts names unknown expert(s) {', '.join(map(repr, unknown))}; configured experts: {known}"
+        raise UnknownExpertError(msg)
+    renderings = {"text": prompt.text, "large": prompt.large, "small": prompt.small}
+    renderings.update({f"experts[{name!r}]": text for name, text in prompt.experts.items()})
+    for field_name, text in renderings.items():
+        if text is None and field_name != "text":
+            continue
+        if not isinstance(text, str):
+            msg = f"prompt {index}: FusionPrompt.{field_name} must be a string, got {type(text).__name__}"
+            raise RequestError(msg)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            msg = (
+                f"prompt {index}: FusionPrompt.{field_name} has an invalid character at position "
+                f"{err.start} ({err.reason}, e.g. a lone surrogate); send valid UTF-8 text"
+            )
+            raise RequestError(msg) from None
 
 
 def _eos_ids(model: LoadedModel) -> set[int]:
@@ -445,6 +490,19 @@ def _apply_template(model: LoadedModel, messages, tools) -> str:
             f"the {model.name} has no chat template; render the prompt yourself or use a chat model"
         )
         raise RequestError(msg)
-    return tokenizer.apply_chat_template(
-        list(messages), tools=tools, tokenize=False, add_generation_prompt=True
-    )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            list(messages), tools=tools, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as err:  # the template is code shipped with the model: any error is its own
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = (
+            f"the chat template of the {model.name} ({tokenizer.name_or_path}) cannot render these "
+            f"messages: {type(err).__name__}: {detail[:300]}; send messages it accepts (e.g. "
+            "alternating user/assistant turns) or fix its chat_template"
+        )
+        raise RequestError(msg) from err
+    if not isinstance(rendered, str):
+        msg = f"the chat template of the {model.name} rendered {type(rendered).__name__}, not text"
+        raise RequestError(msg)
+    return rendered

@@ -47,9 +47,17 @@ class ContextWindowError(RequestError):
     """The prompt plus the tokens to generate do not fit a model's context window."""
 
 
+class DataError(FusionError, ValueError):
+    """A JSONL data file (training, validation or evaluation rows) has a bad row or is empty."""
+
+
 class DeviceError(FusionError, RuntimeError):
     """The requested device is not available, or it ran out of memory during a request."""
 
 
 class NumericalFaultError(FusionError, ArithmeticError):
     """The large model produced no finite logit for a row: nothing can be sampled from it."""
+
+
+class DecoderFaultError(FusionError, RuntimeError):
+    """A model forward failed while decoding this request; the decoder goes on with the next one."""

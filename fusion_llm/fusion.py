@@ -29,8 +29,6 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import NumericalFaultError
-
 Tensor = torch.Tensor
 
 
@@ -381,11 +379,12 @@ def _joint_refine(
 
 
 class FusedStep(NamedTuple):
-    """One decoding step's fused distribution (as logits), the alpha used and the fallback rows."""
+    """One decoding step's fused distribution (as logits), the alpha used, fallback and fault rows."""
 
     logits: Tensor  # [B, V]
     alpha: Tensor  # [B, T]
     fallback: Tensor  # [B] True where a model's logits were not finite and the large model ruled
+    fault: Tensor  # [B] True where the large model has no finite logit: the row cannot go on
 
 
 AlphaSolver = Callable[[Tensor, ExpertShifts, Tensor], Tensor]
@@ -427,7 +426,8 @@ def fusion_step(
     """Steps 1-4 of the module docstring for raw logits [B, V], [B, V], [B, T, V].
 
     A row where any model's logits are not finite falls back to the large model (flagged); a row
-    where the large model itself has no finite logit cannot be sampled and raises.
+    where the large model itself has no finite logit cannot be sampled: it is flagged in `fault`
+    (its logits are zeros) and the caller ends that row alone, the other rows go on.
     """
     fused_models = solver is not None and expert_logits is not None and expert_logits.shape[1] > 0
     ok = (
@@ -440,12 +440,13 @@ def fusion_step(
             large_logits, small_logits, expert_logits, active, solver, fused_models
         )
     large_logp = log_probs(large_logits)
+    no_fault = torch.zeros_like(ok)
     if not fused_models:
         width = 0 if expert_logits is None else expert_logits.shape[1]
-        return FusedStep(large_logp, large_logp.new_zeros(large_logp.shape[0], width), ~ok)
+        return FusedStep(large_logp, large_logp.new_zeros(ok.shape[0], width), ~ok, no_fault)
     shifts = expert_shifts(log_probs(small_logits), log_probs(expert_logits))
     alpha = solver(large_logp, shifts, active)
-    return FusedStep(fuse(large_logp, shifts.deltas, alpha), alpha, ~ok)
+    return FusedStep(fuse(large_logp, shifts.deltas, alpha), alpha, ~ok, no_fault)
 
 
 def _fusion_step_with_faults(
@@ -459,14 +460,15 @@ def _fusion_step_with_faults(
     """`fusion_step` when some row has a non-finite logit somewhere (masks every input)."""
     batch = large_logits.shape[0]
     large_ok = torch.isfinite(large_logits)
-    if not bool(large_ok.any(dim=-1).all()):
-        msg = "the large model produced no finite logit for a row; nothing can be sampled"
-        raise NumericalFaultError(msg)
+    fault = ~large_ok.any(dim=-1)  # [B]
+    # A faulty row reads as uniform zeros so the batch can still be sampled; the caller drops it.
+    large_ok |= fault[:, None]
+    large_logits = torch.where(fault[:, None], 0.0, large_logits)
     large_logp = log_probs(torch.where(large_ok, large_logits, -torch.inf))
-    ok = large_ok.all(dim=-1)
+    ok = large_ok.all(dim=-1) & ~fault
     if not fused_models:
         width = 0 if expert_logits is None else expert_logits.shape[1]
-        return FusedStep(large_logp, large_logp.new_zeros(batch, width), ~ok)
+        return FusedStep(large_logp, large_logp.new_zeros(batch, width), ~ok, fault)
     ok &= finite_rows(small_logits, expert_logits)
     keep = ok[:, None]
     clean_large = torch.where(keep, large_logp, 0.0)
@@ -476,4 +478,4 @@ def _fusion_step_with_faults(
     )
     alpha = solver(clean_large, shifts, active) * keep
     fused = torch.where(keep, fuse(clean_large, shifts.deltas, alpha), large_logp)
-    return FusedStep(fused, alpha, ~ok)
+    return FusedStep(fused, alpha, ~ok, fault)

@@ -9,9 +9,14 @@ experts are separate models. Safe by default: safetensors only and no remote cod
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 import warnings
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from peft import PeftModel
@@ -28,6 +33,14 @@ from .errors import (
 )
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# LoRA variants peft cannot run as rows of one mixed-adapter forward (`adapter_names`): such an
+# expert is merged into its own copy of the small base and runs as a full expert instead.
+UNBATCHABLE_LORA = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save",
+    "layer_replication": "layer_replication",
+}
 
 
 @dataclass
@@ -49,7 +62,9 @@ class ModelSet:
     large: LoadedModel
     small: LoadedModel  # a PeftModel carrying every LoRA expert as a named adapter, if any
     full_experts: dict[str, LoadedModel] = field(default_factory=dict)
-    lora_experts: list[str] = field(default_factory=list)
+    # expert name -> its adapter name inside the PeftModel: peft reserves "__base__" and cannot
+    # take a "." or an nn.Module attribute name ("eval"), so experts get neutral adapter names.
+    lora_experts: dict[str, str] = field(default_factory=dict)
     vocab_size: int = 0
 
 
@@ -83,19 +98,29 @@ def load_model(
 ) -> LoadedModel:
     """Load one full checkpoint (and its tokenizer unless one is given)."""
     _require_location(spec.path, name)
+    _check_model_folder(spec, name)
     device = resolve_device(spec)
     kwargs = {
         "dtype": resolve_dtype(spec, device),
         "revision": spec.revision,
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": None if spec.allow_pickle else True,
+        "output_loading_info": True,
     }
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-    except (OSError, ValueError) as err:
+        model, info = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+    except Exception as err:  # corrupt files, shapes unlike config.json, unknown architectures
         raise _load_error(spec, name, err) from err
+    if info.get("missing_keys"):  # transformers would fill them with random weights
+        missing = sorted(info["missing_keys"])
+        msg = (
+            f"could not load the {name} from {spec.path!r}: its weights lack {len(missing)} "
+            f"tensor(s) that config.json requires (e.g. {', '.join(missing[:3])}); the checkpoint "
+            "is incomplete or belongs to another config"
+        )
+        raise ModelLoadError(msg)
     if spec.device_map is None:
         model.to(device)
     model.eval()
@@ -118,8 +143,12 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(
             location, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        msg = f"could not load the tokenizer of {name} from {location!r}: {_first_line(err)}"
+    except Exception as err:  # a tokenizer.json of another schema raises KeyError, bad JSON ValueError
+        msg = (
+            f"could not load the tokenizer of {name} from {location!r} ({type(err).__name__}: "
+            f"{_first_line(err)}); its tokenizer files (tokenizer.json, tokenizer_config.json) are "
+            "damaged or of an unsupported format: re-save them with save_pretrained"
+        )
         raise ModelLoadError(msg) from err
     if tokenizer.pad_token_id is None:  # batching needs a pad id; its embedding is never attended
         tokenizer.pad_token = tokenizer.eos_token
@@ -158,21 +187,46 @@ def load_models(config: FusionConfig) -> ModelSet:
     large = load_model(config.large, "large base")
     small = load_model(config.small, "small base")
     lora_specs = [e for e in config.experts if is_lora_adapter(e)]
-    full_experts = {
-        e.name: load_model(e, f"expert {e.name!r}", None if _has_tokenizer(e) else small.tokenizer)
-        for e in config.experts
-        if not is_lora_adapter(e)
-    }
-    vocab_size = check_vocabularies([large, small, *full_experts.values()])
-    if lora_specs:
-        small.model = _attach_adapters(small, lora_specs)
+    adapter_configs = {e.name: _read_adapter_config(e) for e in lora_specs}
+    for spec in lora_specs:
+        _check_adapter_base(spec, adapter_configs[spec.name], small)
+    merged = [e for e in lora_specs if _unbatchable(adapter_configs[e.name])]
+    batched = [e for e in lora_specs if e not in merged]
+    full_experts = {}
+    for spec in config.experts:
+        if spec in merged:
+            full_experts[spec.name] = _merged_lora_expert(config.small, spec, small)
+        elif spec not in lora_specs:
+            tokenizer = None if _has_tokenizer(spec) else small.tokenizer
+            full_experts[spec.name] = load_model(spec, f"expert {spec.name!r}", tokenizer)
+    models = [large, small, *full_experts.values()]
+    vocab_size = check_vocabularies(models)
+    for loaded in models:
+        _check_embeddings(loaded, vocab_size)
+    adapters = {e.name: f"expert{i}" for i, e in enumerate(batched)}
+    if batched:
+        small.model = _attach_adapters(small, batched, adapters)
     return ModelSet(
         large=large,
         small=small,
         full_experts=full_experts,
-        lora_experts=[e.name for e in lora_specs],
+        lora_experts=adapters,
         vocab_size=vocab_size,
     )
+
+
+def _check_embeddings(loaded: LoadedModel, vocab_size: int) -> None:
+    """Every id its tokenizer or the fused sampler can produce must have an input embedding."""
+    rows = loaded.model.get_input_embeddings().weight.shape[0]
+    needed = max(len(loaded.tokenizer), vocab_size)
+    if rows < needed:
+        msg = (
+            f"the {loaded.name} has {rows} input embeddings but its tokenizer has {len(loaded.tokenizer)} "
+            f"ids (fused vocabulary: {vocab_size}): ids >= {rows} would fail on every call; resize "
+            "its embeddings (model.resize_token_embeddings(len(tokenizer))) and fine-tune, or give "
+            "it the tokenizer it was trained with"
+        )
+        raise ModelLoadError(msg)
 
 
 def check_vocabularies(models: list[LoadedModel]) -> int:
@@ -226,40 +280,99 @@ def _require_special_tail(
             raise VocabularyMismatchError(msg)
 
 
-def _attach_adapters(small: LoadedModel, specs: list[ExpertSpec]) -> PeftModel:
-    base_class = type(small.model).__name__
+def _attach_adapters(
+    small: LoadedModel, specs: list[ExpertSpec], adapters: dict[str, str]
+) -> PeftModel:
+    """Every spec as a named adapter (`adapters[spec.name]`) on ONE PeftModel over the small base."""
     model: PeftModel | None = None
     for spec in specs:
-        _require_location(spec.path, f"expert {spec.name!r}")
-        _check_adapter_base(spec, base_class, small.model.name_or_path)
         try:
             if model is None:
-                model = PeftModel.from_pretrained(small.model, spec.path, adapter_name=spec.name)
+                model = PeftModel.from_pretrained(
+                    small.model, spec.path, adapter_name=adapters[spec.name]
+                )
             else:
-                model.load_adapter(spec.path, adapter_name=spec.name)
-        except RuntimeError as err:  # load_state_dict: size mismatch
-            msg = (
-                f"LoRA expert {spec.name!r} at {spec.path!r} does not fit the small base "
-                f"{small.model.name_or_path!r} (different hidden size or layers): {_first_line(err)}; "
-                "train the adapter on the configured small base"
-            )
-            raise AdapterMismatchError(msg) from err
-        except ValueError as err:  # target modules missing from the base
-            msg = f"LoRA expert {spec.name!r} does not fit the small base: {_first_line(err)}"
-            raise AdapterMismatchError(msg) from err
+                model.load_adapter(spec.path, adapter_name=adapters[spec.name])
+        except Exception as err:
+            raise _adapter_error(spec, small, err) from err
     assert model is not None
     model.eval()
     return model
 
 
-def _check_adapter_base(spec: ExpertSpec, base_class: str, small_path: str) -> None:
-    config_file = Path(spec.path) / "adapter_config.json"
+def _merged_lora_expert(small_spec: ModelSpec, spec: ExpertSpec, small: LoadedModel) -> LoadedModel:
+    """A LoRA variant the batched forward cannot run, merged into its own copy of the small base."""
+    base = load_model(small_spec, f"small base of expert {spec.name!r}", small.tokenizer)
+    try:
+        merged = PeftModel.from_pretrained(base.model, spec.path).merge_and_unload()
+    except Exception as err:
+        raise _adapter_error(spec, small, err) from err
+    base.model = merged.eval()
+    base.name = f"expert {spec.name!r}"
+    return base
+
+
+def _adapter_error(spec: ExpertSpec, small: LoadedModel, err: Exception) -> AdapterMismatchError:
+    msg = (
+        f"LoRA expert {spec.name!r} at {spec.path!r} does not fit the small base "
+        f"{small.model.name_or_path!r} ({type(err).__name__}: {_first_line(err)}); train the "
+        "adapter on the configured small base"
+    )
+    return AdapterMismatchError(msg)
+
+
+def _unbatchable(adapter: dict | None) -> bool:
+    return adapter is not None and any(adapter.get(key) for key in UNBATCHABLE_LORA)
+
+
+def _read_adapter_config(spec: ExpertSpec) -> dict | None:
+    """The adapter's config after every check that needs no model; None for a hub adapter."""
+    _require_location(spec.path, f"expert {spec.name!r}")
+    folder = Path(spec.path)
+    if not folder.is_dir():
+        return None  # a hub adapter: peft checks it while loading
+    config_file = folder / "adapter_config.json"
     if not config_file.is_file():
+        msg = (
+            f"expert {spec.name!r} is configured as kind: lora but {spec.path!r} has no "
+            "adapter_config.json; point it at a folder written by a peft model's save_pretrained, "
+            "or use kind: full for a full checkpoint"
+        )
+        raise ModelLoadError(msg)
+    try:
+        adapter = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        msg = f"expert {spec.name!r}: {str(config_file)!r} is not valid JSON ({_first_line(err)}); re-save the adapter"
+        raise ModelLoadError(msg) from None
+    if not isinstance(adapter, dict):
+        msg = f"expert {spec.name!r}: {str(config_file)!r} must hold a JSON object, got {type(adapter).__name__}"
+        raise ModelLoadError(msg)
+    names = {p.name for p in folder.iterdir()}
+    if "adapter_model.safetensors" not in names:
+        pickled = sorted(n for n in names if n.startswith("adapter_model") and n.endswith(PICKLE_SUFFIXES))
+        if not pickled:
+            msg = (
+                f"expert {spec.name!r}: {spec.path!r} has no adapter weights "
+                "(adapter_model.safetensors); the adapter was not saved completely"
+            )
+            raise ModelLoadError(msg)
+        if not spec.allow_pickle:
+            msg = (
+                f"expert {spec.name!r}: {spec.path!r} has only pickle weights ({pickled[0]}), which "
+                "can run code when loaded; convert them to adapter_model.safetensors or set "
+                "allow_pickle: true if you trust the file"
+            )
+            raise ModelLoadError(msg)
+    return adapter
+
+
+def _check_adapter_base(spec: ExpertSpec, adapter: dict | None, small: LoadedModel) -> None:
+    if adapter is None:
         return  # a hub adapter: peft checks shapes while loading
-    adapter = json.loads(config_file.read_text())
     if adapter.get("peft_type", "LORA") != "LORA":
         msg = f"expert {spec.name!r} is a {adapter['peft_type']} adapter; only LoRA adapters are supported"
         raise AdapterMismatchError(msg)
+    base_class = type(small.model).__name__
     trained_on = (adapter.get("auto_mapping") or {}).get("base_model_class")
     if trained_on and trained_on != base_class:
         msg = (
@@ -268,6 +381,7 @@ def _check_adapter_base(spec: ExpertSpec, base_class: str, small_path: str) -> N
         )
         raise AdapterMismatchError(msg)
     declared = adapter.get("base_model_name_or_path")
+    small_path = small.model.name_or_path
     if declared and Path(declared).name != Path(small_path).name:
         # Only a hint: folders move, so the shapes (checked while loading) are what decide.
         warnings.warn(
@@ -278,25 +392,110 @@ def _check_adapter_base(spec: ExpertSpec, base_class: str, small_path: str) -> N
 
 
 def _require_location(location: str, what: str) -> None:
+    """A location that is no local folder must be a hub id, and the hub must be reachable.
+
+    Offline, from_pretrained retries a missing id for minutes: fail at once instead.
+    """
+    if Path(location).expanduser().exists():
+        return
     # "org/name" may be a hub id (even "Qwen/Qwen2-0.5B", which has a dot); these cannot be.
-    looks_local = location.startswith((".", "/", "~")) or location.count("/") > 1
-    if looks_local and not Path(location).expanduser().exists():
+    if location.startswith((".", "/", "~")) or location.count("/") > 1:
         msg = f"{what}: path {location!r} does not exist; give a model folder or a hub id"
         raise ModelNotFoundError(msg)
+    if not hub_reachable():
+        msg = (
+            f"{what}: {location!r} is not a local folder (relative to {os.getcwd()!r}) and the model "
+            f"hub ({_hub_endpoint()}) cannot be reached to look it up as a hub id; fix the path, or "
+            "go online (HF_HUB_OFFLINE is respected)"
+        )
+        raise ModelNotFoundError(msg)
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection (False under HF_HUB_OFFLINE); asked once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    reachable: list[bool] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            reachable.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return bool(reachable)
+
+
+def _check_model_folder(spec: ModelSpec, name: str) -> None:
+    """A local folder must hold a model: config.json and weights of an allowed format."""
+    folder = Path(spec.path)
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    if "config.json" not in names:
+        if "adapter_config.json" in names:
+            hint = (
+                "configure it with kind: lora (or kind: auto)"
+                if name.startswith("expert")
+                else "the bases must be full checkpoints: merge the adapter first "
+                "(PeftModel.merge_and_unload) or use it as an expert"
+            )
+            msg = f"the {name} at {spec.path!r} is a LoRA adapter folder (adapter_config.json), not a full model; {hint}"
+        else:
+            msg = f"the {name} at {spec.path!r} has no config.json; point it at a folder written by save_pretrained"
+        raise ModelLoadError(msg)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if not pickled:
+        msg = f"the {name} at {spec.path!r} has no weights (*.safetensors); the checkpoint was not saved completely"
+        raise ModelLoadError(msg)
+    if not spec.allow_pickle:
+        msg = (
+            f"could not load the {name} from {spec.path!r}: no safetensors weights found, only "
+            f"pickle files ({pickled[0]}), which can run code when loaded; convert the checkpoint "
+            "to safetensors or set allow_pickle: true if you trust it"
+        )
+        raise ModelLoadError(msg)
 
 
 def _load_error(spec: ModelSpec, name: str, err: Exception) -> ModelLoadError:
     text = _first_line(err)
+    where = f"could not load the {name} from {spec.path!r}"
+    if type(err).__name__ == "SafetensorError" or "deserializing header" in text:
+        msg = f"{where}: a safetensors file is corrupt or truncated ({text}); download or save it again"
+        return ModelLoadError(msg)
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        msg = (
+            f"{where}: the weights do not match the shapes in its config.json; the config was "
+            "edited or belongs to another checkpoint (transformers logs the mismatched tensors)"
+        )
+        return ModelLoadError(msg)
     if not spec.allow_pickle and "safetensors" in text.lower():
         msg = (
-            f"could not load the {name} from {spec.path!r}: no safetensors weights found ({text}); "
+            f"{where}: no safetensors weights found ({text}); "
             "convert the checkpoint to safetensors or set allow_pickle: true if you trust it"
         )
         return ModelLoadError(msg)
     if not Path(spec.path).exists():
-        msg = f"could not load the {name} from {spec.path!r}: not a local folder and not reachable on the hub ({text})"
+        msg = f"{where}: not a local folder and not reachable on the hub ({text})"
         return ModelNotFoundError(msg)
-    return ModelLoadError(f"could not load the {name} from {spec.path!r}: {text}")
+    return ModelLoadError(f"{where}: {type(err).__name__}: {text}")
 
 
 def _first_line(err: BaseException) -> str:

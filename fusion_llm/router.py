@@ -5,8 +5,14 @@ one of the keywords
 
     "all"   every configured expert (the engine's default),
     "none"  the large model alone,
-    "auto"      the likelihood-ratio router below picks, per prompt;
-    "examples"  the expert whose example prompts (`ExpertSpec.examples`) are nearest, per prompt.
+    "auto"        per prompt: `examples` when every expert has example prompts (its config's
+                  `examples`, or its card's, which `fusion-llm train-expert` writes), else
+                  `likelihood`;
+    "examples"    the expert whose example prompts are nearest, per prompt;
+    "likelihood"  the likelihood-ratio router below picks, per prompt.
+
+Measured on the shipped family (`cookbooks/router_accuracy.py`), `examples` puts the right expert
+first for every prompt and `likelihood` for a quarter of them: `auto` prefers the one that works.
 
 Explicit hints, strongest first (the first one present wins; the others are ignored):
 
@@ -25,6 +31,11 @@ per-token log-likelihood gain passes a threshold:
 
 Experts with gain_t > threshold are kept, best first, at most `max_experts`; none -> large alone.
 
+The gate (`FusionConfig.gate`) then reads each chosen expert's verdict (its card, written by
+`fusion-llm gate`: does fusing it raise the teacher-forced likelihood of validation references over
+the large model alone?). Under `enforce` an expert whose fusion lowers it is never activated, under
+`warn` it is activated with a warning; either way the decision lists it.
+
 The example router embeds prompts with the small base itself (mean of its last hidden states,
 L2-normalised; no extra model) and picks the one expert whose mean example embedding has the
 highest cosine similarity with the prompt's.
@@ -32,9 +43,10 @@ highest cosine similarity with the prompt's.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -43,11 +55,12 @@ from peft import PeftModel
 from .engine import FusionEngine, FusionPrompt
 from .errors import RequestError, UnknownExpertError
 from .models import BASE_ADAPTER, LoadedModel
+from .train.card import expert_examples, verdict
 
 TASKS_METADATA_KEY = "fusion_tasks"  # run metadata / instrument tag naming the route
 TASK_TAG_PREFIX = "task:"  # LangChain run tag naming one task
 CALL_KEYWORDS = ("experts", "tasks", "task")  # call keywords naming the route, strongest first
-KEYWORDS = ("all", "none", "auto", "examples")
+KEYWORDS = ("all", "none", "auto", "examples", "likelihood")
 
 Route = str | list[str]  # one of KEYWORDS, or task names
 Source = Literal["call", "metadata", "tags", "default"]
@@ -60,18 +73,28 @@ class RoutingDecision:
     experts: list[str]  # [] means the large model alone
     source: Source  # where the route came from
     route: Route  # the route as given ("auto", "all", "none" or task names)
-    # auto: each expert's gain over the small base (nats per prompt token); examples: similarity
+    # likelihood: each expert's gain over the small base (nats per prompt token); examples: similarity
     scores: dict[str, float] = field(default_factory=dict)
+    scored_by: str = ""  # what `auto` scored with: "examples" or "likelihood"
+    # gate: experts whose verdict says fusion lowers the reference likelihood -> their gain
+    refused: dict[str, float] = field(default_factory=dict)  # enforce: left out
+    warned: dict[str, float] = field(default_factory=dict)  # warn: kept
 
     @property
     def reason(self) -> str:
         """One line for traces, e.g. `auto via metadata: math (gains math +0.412, qa -0.050)`."""
         chosen = ", ".join(self.experts) or "large model alone"
-        if not self.scores:
-            return f"{_route_text(self.route)} via {self.source}: {chosen}"
-        label = "gains" if self.route == "auto" else "similarities"
-        scores = ", ".join(f"{name} {score:+.3f}" for name, score in self.scores.items())
-        return f"{self.route} via {self.source}: {chosen} ({label} {scores})"
+        route = _route_text(self.route) + (f" [{self.scored_by}]" if self.scored_by else "")
+        text = f"{route} via {self.source}: {chosen}"
+        if self.scores:
+            label = "similarities" if (self.scored_by or self.route) == "examples" else "gains"
+            scores = ", ".join(f"{name} {score:+.3f}" for name, score in self.scores.items())
+            text += f" ({label} {scores})"
+        for action, experts in (("refused", self.refused), ("warns about", self.warned)):
+            if experts:
+                listed = ", ".join(f"{n} ({g:+.3f} nats/token)" for n, g in experts.items())
+                text += f"; gate {action} {listed}: fusing lowers the validation likelihood"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +102,9 @@ class RoutingDecision:
             "source": self.source,
             "route": self.route,
             "scores": dict(self.scores),
+            "scored_by": self.scored_by,
+            "refused": dict(self.refused),
+            "warned": dict(self.warned),
             "reason": self.reason,
         }
 
@@ -161,13 +187,46 @@ class TaskRouter:
     def decide(
         self, prompts: Sequence[FusionPrompt], route: Route, source: Source
     ) -> list[RoutingDecision]:
-        """One decision per prompt."""
+        """One decision per prompt, after the gate."""
+        return [self._gated(d) for d in self._decide(prompts, route, source)]
+
+    def _decide(
+        self, prompts: Sequence[FusionPrompt], route: Route, source: Source
+    ) -> list[RoutingDecision]:
         if route == "auto":
+            scored_by = "examples" if self._every_expert_has_examples() else "likelihood"
+            decisions = self._decide(prompts, scored_by, source)
+            return [replace(d, route="auto", scored_by=scored_by) for d in decisions]
+        if route == "likelihood":
             return [self._pick(row, source) for row in self.gains(prompts)]
         if route == "examples":
             return [self._nearest(row, source) for row in self.similarities(prompts)]
         experts = self._explicit_experts(route)
         return [RoutingDecision(experts, source, route) for _ in prompts]
+
+    def _every_expert_has_examples(self) -> bool:
+        experts = self.engine.config.experts
+        return bool(experts) and all(expert_examples(e) for e in experts)
+
+    def _gated(self, decision: RoutingDecision) -> RoutingDecision:
+        """The decision under the config's gate (off | warn | enforce)."""
+        config = self.engine.config
+        if config.gate == "off" or not decision.experts:
+            return decision
+        specs = {e.name: e for e in config.experts}
+        hurting = {}
+        for name in decision.experts:
+            measured = verdict(specs[name], config.large)
+            if measured is not None and not measured["helps"]:
+                hurting[name] = measured["gain"]
+        if not hurting:
+            return decision
+        if config.gate == "warn":
+            decision = replace(decision, warned=hurting)
+            warnings.warn(decision.reason + " (gate: warn; set gate: enforce to refuse)", stacklevel=3)
+            return decision
+        kept = [e for e in decision.experts if e not in hurting]
+        return replace(decision, experts=kept, refused=hurting)
 
     def gains(self, prompts: Sequence[FusionPrompt]) -> list[dict[str, float]]:
         """Per-token log-likelihood gain of every expert over the small base, one dict per prompt."""
@@ -196,24 +255,26 @@ class TaskRouter:
     def _example_centroids(self) -> dict[str, torch.Tensor]:
         """{expert: mean embedding of its examples, normalised}; computed once per engine."""
         if self.engine not in _example_centroids:
-            specs = [e for e in self.engine.config.experts if e.examples]
-            if not specs:
-                msg = "route 'examples' needs example prompts: set `examples` on the experts in the config"
+            examples = {e.name: expert_examples(e) for e in self.engine.config.experts}
+            examples = {name: prompts for name, prompts in examples.items() if prompts}
+            if not examples:
+                msg = (
+                    "route 'examples' needs example prompts: set `examples` on the experts in the "
+                    "config, or train them with `fusion-llm train-expert`, which writes them"
+                )
                 raise RequestError(msg)
             with self.engine.exclusive():
                 small = self.engine.models.small
                 _example_centroids[self.engine] = {
-                    spec.name: _unit(
-                        prompt_embeddings(small, [FusionPrompt(e) for e in spec.examples]).mean(0)
-                    )
-                    for spec in specs
+                    name: _unit(prompt_embeddings(small, [FusionPrompt(e) for e in prompts]).mean(0))
+                    for name, prompts in examples.items()
                 }
         return _example_centroids[self.engine]
 
     def _pick(self, gains: dict[str, float], source: Source) -> RoutingDecision:
         passing = [name for name, gain in gains.items() if gain > self.threshold]
         chosen = sorted(passing, key=lambda name: -gains[name])  # stable on ties
-        return RoutingDecision(chosen[: self.max_experts], source, "auto", gains)
+        return RoutingDecision(chosen[: self.max_experts], source, "likelihood", gains)
 
     def _nearest(self, similarities: dict[str, float], source: Source) -> RoutingDecision:
         best = max(similarities, key=similarities.get)
@@ -236,10 +297,10 @@ def routing_accuracy(
     router: TaskRouter,
     labelled: Mapping[str, Sequence[str]],
     batch_size: int = 16,
-    route: Literal["auto", "examples"] = "auto",
+    route: Literal["auto", "examples", "likelihood"] = "auto",
 ) -> dict[str, dict[str, float]]:
-    """How well an automatic route (`auto` or `examples`) routes prompts labelled with their task
-    (= the expert that should win).
+    """How well an automatic route (`auto`, `examples` or `likelihood`) routes prompts labelled
+    with their task (= the expert that should win), before the gate.
 
     Per task and overall: `top1` (the task's expert has the best score), `selected` (it is among
     the experts chosen) and `exact` (it is the only expert chosen).
@@ -248,7 +309,7 @@ def routing_accuracy(
     for task, prompts in labelled.items():
         for start in range(0, len(prompts), batch_size):
             chunk = [FusionPrompt(p) for p in prompts[start : start + batch_size]]
-            for decision in router.decide(chunk, route, "default"):
+            for decision in router._decide(chunk, route, "default"):
                 top = max(decision.scores, key=decision.scores.get)
                 hits = (top == task, task in decision.experts, decision.experts == [task])
                 rows.setdefault(task, []).append(hits)
@@ -267,15 +328,16 @@ def routing_accuracy(
 @torch.no_grad()
 def prompt_gains(
     small: LoadedModel,
-    lora_experts: Sequence[str],
+    lora_experts: Mapping[str, str],
     full_experts: Mapping[str, LoadedModel],
     prompts: Sequence[FusionPrompt],
 ) -> dict[str, torch.Tensor]:
-    """{expert: [B] gain over the small base}; LoRA experts share one forward with the base."""
+    """{expert: [B] gain over the small base}; LoRA experts (name -> peft adapter name) share one
+    forward with the base."""
     small_ids = [_encode(small, p.small or p.text, p) for p in prompts]
     batch = len(prompts)
     if lora_experts:
-        adapters = [BASE_ADAPTER, *lora_experts]
+        adapters = [BASE_ADAPTER, *lora_experts.values()]
         scores = mean_log_likelihood(
             small, small_ids * len(adapters), [a for a in adapters for _ in range(batch)]
         ).view(len(adapters), batch)  # [1 + L, B]

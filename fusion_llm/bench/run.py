@@ -130,7 +130,7 @@ def part_variants(
         return lambda: timed(lambda: runner.step(tokens), device)
 
     one_expert = (
-        (lambda: CacheRunner(models.small, [names[0]] * batch))
+        (lambda: CacheRunner(models.small, [models.lora_experts[names[0]]] * batch))
         if kind == "lora"
         else (lambda: CacheRunner(models.full_experts[names[0]]))
     )

@@ -36,7 +36,7 @@ def recompute_without_cache(engine, prompt: FusionPrompt, experts, mode, steps):
             [
                 last_logits(models.full_experts[e].model, small_ids)
                 if e in models.full_experts
-                else last_logits(models.small.model, small_ids, adapter_names=[e])
+                else last_logits(models.small.model, small_ids, adapter_names=[models.lora_experts[e]])
                 for e in experts
             ],
             dim=1,
