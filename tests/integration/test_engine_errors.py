@@ -13,6 +13,7 @@ from fusion_llm import (
     ContextWindowError,
     DeviceError,
     FusionEngine,
+    FusionPrompt,
     ModelLoadError,
     ModelNotFoundError,
     RequestError,
@@ -130,6 +131,15 @@ def test_an_unavailable_accelerator_is_a_device_error(tiny_family):
         ("ok", {"stop": ["", "x"]}, RequestError, "non-empty"),
         ("ok", {"max_new_tokens": 500}, ContextWindowError, "context window of 256"),
         ("the king " * 200, {}, ContextWindowError, "truncate_prompt"),
+        ("bad \ud800 text", {}, RequestError, "prompt 0.*invalid character at position 4"),
+        (FusionPrompt("ok", large=123), {}, RequestError, "FusionPrompt.large must be a string"),
+        (FusionPrompt("ok", small=b"x"), {}, RequestError, "FusionPrompt.small must be a string"),
+        (FusionPrompt("ok", experts={"lora_a": 1}), {}, RequestError, "experts\\['lora_a'\\]"),
+        (FusionPrompt("ok", experts={"ghost": "x"}), {}, UnknownExpertError, "ghost"),
+        (FusionPrompt("ok", experts=["lora_a"]), {}, RequestError, "must map expert names"),
+        ("ok", {"seed": 2**64}, RequestError, "seed"),
+        ("ok", {"stop": ["x"] * 10_000}, RequestError, "at most 32"),
+        ("ok", {"stop": ["x" * 300]}, RequestError, "at most 256"),
     ],
 )
 def test_bad_requests_raise_typed_errors_and_leave_the_engine_usable(
@@ -158,3 +168,65 @@ def test_bad_expert_routes_raise_typed_errors(engine, experts, error, match):
     prompts = ["a"] if error is RequestError and "lists" in match else ["a", "b"]
     with pytest.raises(error, match=match):
         engine.generate(prompts, experts=experts)
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),
+        ("{{ raise_exception('Conversation roles must alternate user/assistant') }}", "roles must alternate"),
+        ("{{ messages[5]['content'] }}", "cannot render"),
+    ],
+    ids=["syntax error", "raises", "undefined"],
+)
+def test_a_chat_template_that_fails_is_a_typed_error_naming_the_model(
+    tiny_family, tmp_path, template, match
+):
+    import shutil
+
+    folder = tmp_path / "large"
+    shutil.copytree(tiny_family["large"], folder)
+    (folder / "chat_template.jinja").write_text(template)
+    engine = FusionEngine(family_config(dict(tiny_family, large=folder), experts=()))
+    with pytest.raises(RequestError, match=f"chat template of the large base.*{match}"):
+        engine.render_chat([{"role": "user", "content": "hi"}])
+    assert engine.generate("the king", max_new_tokens=2)[0].completion_tokens == 2
+
+
+def test_the_context_window_reported_is_the_smallest_of_the_models_that_read_the_prompt(
+    tiny_family, tmp_path
+):
+    import json
+    import shutil
+
+    folder = tmp_path / "small"
+    shutil.copytree(tiny_family["small"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 128  # the large base reads 256
+    (folder / "config.json").write_text(json.dumps(config))
+    engine = FusionEngine(family_config(dict(tiny_family, small=folder), experts=("lora_a",)))
+    assert engine.context_window == 128
+    prompt = "the king " * 25  # about 126 tokens: fits the large base, not the small one
+    with pytest.raises(ContextWindowError, match="small base's context window of 128"):
+        engine.generate(prompt, max_new_tokens=8)
+    assert engine.generate(prompt, max_new_tokens=8, mode="none")[0].completion_tokens == 8
+    truncated = engine.generate(prompt, max_new_tokens=8, truncate_prompt=True)[0]
+    assert truncated.completion_tokens == 8
+
+
+def test_a_full_expert_with_a_shorter_window_is_checked_against_every_prompt(
+    tiny_family, tmp_path
+):
+    import json
+    import shutil
+
+    folder = tmp_path / "full"
+    shutil.copytree(tiny_family["full"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    engine = FusionEngine(family_config(dict(tiny_family, full=folder), experts=("full", "lora_a")))
+    prompt = "the king " * 30
+    with pytest.raises(ContextWindowError, match="expert 'full''s context window of 64"):
+        engine.generate(prompt, experts=["full"], max_new_tokens=8)
+    assert engine.generate(prompt, experts=["lora_a"], max_new_tokens=8)[0].completion_tokens == 8

@@ -32,6 +32,17 @@ def with_(**sections):
         (with_(generation={"top_p": 1.5}), "generation.top_p"),
         (with_(generation={"top_p": float("nan")}), "generation.top_p"),
         (with_(generation={"stop": ["ok", ""]}), "generation.stop"),
+        (with_(generation={"stop": ["x"] * 10_000}), "at most 32 items"),
+        (with_(generation={"stop": ["x" * 1000]}), "at most 256 characters"),
+        (with_(generation={"seed": 2**64}), "generation.seed"),
+        (with_(generation={"seed": -1}), "generation.seed"),
+        (with_(fusion={"grid_step": 1e-7}), "20000001 grid points"),
+        (with_(fusion={"grid_step": 100}), "does not divide"),
+        (with_(fusion={"grid_step": 0.3}), "grid_step: 0.285714"),
+        (with_(fusion={"alpha_max": 1e300}), "fusion.alpha_max"),
+        (with_(fusion={"alpha_min": -1e300}), "fusion.alpha_min"),
+        (with_(experts=[{"name": "m", "path": "a", "alpha": 1e39}]), "experts.0.alpha"),
+        (with_(batching={"max_rows": 0}), "batching.max_rows"),
         ([1, 2], "mapping"),
     ],
 )
@@ -115,3 +126,32 @@ def test_bad_request_overrides_raise_request_error(overrides):
 def test_request_overrides_keep_unset_fields():
     spec = GenerationSpec(max_new_tokens=5, stop=["x"]).updated(temperature=0.7, top_p=None)
     assert (spec.max_new_tokens, spec.stop, spec.temperature, spec.top_p) == (5, ["x"], 0.7, 1.0)
+
+
+def test_values_read_from_a_file_must_have_the_declared_types(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        '[large]\npath = "/m/l"\n[small]\npath = "/m/s"\n[generation]\ntemperature = true\n'
+    )
+    with pytest.raises(ConfigError, match="generation.temperature.*valid number"):
+        FusionConfig.load(tmp_path / "c.toml")
+    (tmp_path / "c.yaml").write_text("large: {path: /m/l}\nsmall: {path: /m/s}\nfusion: {alpha_max: '2'}\n")
+    with pytest.raises(ConfigError, match="fusion.alpha_max"):
+        FusionConfig.load(tmp_path / "c.yaml")
+
+
+def test_an_alias_bomb_gives_a_short_error_line(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefg", "bcdefgh")]
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nlarge: *h\nsmall: {path: /m/s}\n")
+    assert (tmp_path / "bomb.yaml").stat().st_size < 600
+    with pytest.raises(ConfigError) as caught:
+        FusionConfig.load(tmp_path / "bomb.yaml")
+    assert len(str(caught.value)) < 2000
+
+
+def test_a_grid_step_that_divides_the_range_keeps_alpha_max_on_the_grid():
+    from fusion_llm.fusion import alpha_grid
+
+    fusion = FusionConfig.load(with_(fusion={"grid_step": 0.25, "alpha_max": 1.5})).fusion
+    grid = alpha_grid(fusion.alpha_min, fusion.alpha_max, fusion.grid_step)
+    assert grid.max().item() == 1.5 and grid.numel() == 7
