@@ -71,7 +71,9 @@ class Request:
                 {name: ids[rows] for name, ids in self.tokens.experts.items() if name in used},
             )
             experts = [e for e in self.experts if e in used]
-            pieces.append((start, Request(tokens, experts, self.mode, self.spec, self.eos_ids, row_experts)))
+            pieces.append(
+                (start, Request(tokens, experts, self.mode, self.spec, self.eos_ids, row_experts))
+            )
         return pieces
 
 

@@ -94,7 +94,9 @@ class SmallPool:
         self.experts = list(experts)
         self.vocab = models.vocab_size  # experts may have extra (special) ids: fuse the common ones
         lora = [e for e in self.experts if e in models.lora_experts]
-        names = [BASE_ADAPTER, *(models.lora_experts[e] for e in lora)] if models.lora_experts else None
+        names = (
+            [BASE_ADAPTER, *(models.lora_experts[e] for e in lora)] if models.lora_experts else None
+        )
         self.lora_count = len(lora)
         self.shared = CacheRunner(
             models.small, None if names is None else [n for n in names for _ in range(batch)]

@@ -143,7 +143,9 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(
             location, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    except Exception as err:  # a tokenizer.json of another schema raises KeyError, bad JSON ValueError
+    except (
+        Exception
+    ) as err:  # a tokenizer.json of another schema raises KeyError, bad JSON ValueError
         msg = (
             f"could not load the tokenizer of {name} from {location!r} ({type(err).__name__}: "
             f"{_first_line(err)}); its tokenizer files (tokenizer.json, tokenizer_config.json) are "
@@ -349,7 +351,9 @@ def _read_adapter_config(spec: ExpertSpec) -> dict | None:
         raise ModelLoadError(msg)
     names = {p.name for p in folder.iterdir()}
     if "adapter_model.safetensors" not in names:
-        pickled = sorted(n for n in names if n.startswith("adapter_model") and n.endswith(PICKLE_SUFFIXES))
+        pickled = sorted(
+            n for n in names if n.startswith("adapter_model") and n.endswith(PICKLE_SUFFIXES)
+        )
         if not pickled:
             msg = (
                 f"expert {spec.name!r}: {spec.path!r} has no adapter weights "

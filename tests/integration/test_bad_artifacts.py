@@ -79,7 +79,9 @@ LARGE_DAMAGE: list[tuple[Callable[[Path], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("damage", "message"), LARGE_DAMAGE, ids=[d.__name__ for d, _ in LARGE_DAMAGE])
+@pytest.mark.parametrize(
+    ("damage", "message"), LARGE_DAMAGE, ids=[d.__name__ for d, _ in LARGE_DAMAGE]
+)
 def test_a_damaged_large_model_folder_is_a_typed_error_naming_it(
     tiny_family, tmp_path, damage, message
 ):
@@ -219,7 +221,9 @@ def unbatchable_adapter(tiny_family, folder: Path, **lora: object) -> Path:
 @pytest.mark.parametrize(
     "lora", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}], ids=["DoRA", "modules_to_save"]
 )
-def test_lora_variants_the_batched_forward_cannot_run_are_fused_exactly(tiny_family, tmp_path, lora):
+def test_lora_variants_the_batched_forward_cannot_run_are_fused_exactly(
+    tiny_family, tmp_path, lora
+):
     folder = unbatchable_adapter(tiny_family, tmp_path / "variant", **lora)
     merged = PeftModel.from_pretrained(
         LlamaForCausalLM.from_pretrained(tiny_family["small"]), folder
@@ -238,7 +242,9 @@ def test_lora_variants_the_batched_forward_cannot_run_are_fused_exactly(tiny_fam
         )
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(torch.tensor(g.alpha), torch.tensor(w.alpha), atol=2e-3, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor(g.alpha), torch.tensor(w.alpha), atol=2e-3, rtol=0
+            )
 
 
 def test_experts_with_different_logit_widths_fuse_on_the_common_ids(tiny_family, tmp_path):

@@ -174,7 +174,10 @@ def test_bad_expert_routes_raise_typed_errors(engine, experts, error, match):
     ("template", "match"),
     [
         ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),
-        ("{{ raise_exception('Conversation roles must alternate user/assistant') }}", "roles must alternate"),
+        (
+            "{{ raise_exception('Conversation roles must alternate user/assistant') }}",
+            "roles must alternate",
+        ),
         ("{{ messages[5]['content'] }}", "cannot render"),
     ],
     ids=["syntax error", "raises", "undefined"],
@@ -214,9 +217,7 @@ def test_the_context_window_reported_is_the_smallest_of_the_models_that_read_the
     assert truncated.completion_tokens == 8
 
 
-def test_a_full_expert_with_a_shorter_window_is_checked_against_every_prompt(
-    tiny_family, tmp_path
-):
+def test_a_full_expert_with_a_shorter_window_is_checked_against_every_prompt(tiny_family, tmp_path):
     import json
     import shutil
 

@@ -134,14 +134,19 @@ def test_values_read_from_a_file_must_have_the_declared_types(tmp_path):
     )
     with pytest.raises(ConfigError, match="generation.temperature.*valid number"):
         FusionConfig.load(tmp_path / "c.toml")
-    (tmp_path / "c.yaml").write_text("large: {path: /m/l}\nsmall: {path: /m/s}\nfusion: {alpha_max: '2'}\n")
+    (tmp_path / "c.yaml").write_text(
+        "large: {path: /m/l}\nsmall: {path: /m/s}\nfusion: {alpha_max: '2'}\n"
+    )
     with pytest.raises(ConfigError, match="fusion.alpha_max"):
         FusionConfig.load(tmp_path / "c.yaml")
 
 
 def test_an_alias_bomb_gives_a_short_error_line(tmp_path):
     levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
-    levels += [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefg", "bcdefgh")]
+    levels += [
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]"
+        for p, c in zip("abcdefg", "bcdefgh", strict=True)
+    ]
     (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nlarge: *h\nsmall: {path: /m/s}\n")
     assert (tmp_path / "bomb.yaml").stat().st_size < 600
     with pytest.raises(ConfigError) as caught:
