@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StopStringCriteria
@@ -189,9 +190,8 @@ def stop_checker(tokenizer, stops: Sequence[str]) -> Callable[[Tensor], list[boo
     """
     if not stops:
         return lambda generated: [False] * generated.shape[0]
-    try:
-        criteria = StopStringCriteria(tokenizer, list(stops))
-    except ValueError:
+    criteria = _stop_criteria(tokenizer, tuple(stops))
+    if criteria is None:
         # A stop can only complete within its last len(stop) tokens (each token is >= 1 char).
         window = max(len(s) for s in stops) + 1
 
@@ -203,6 +203,16 @@ def stop_checker(tokenizer, stops: Sequence[str]) -> Callable[[Tensor], list[boo
 
         return decoded_tail
     return lambda generated: criteria(generated, None).tolist()
+
+
+@lru_cache(maxsize=128)
+def _stop_criteria(tokenizer, stops: tuple[str, ...]) -> StopStringCriteria | None:
+    """One StopStringCriteria per (tokenizer, stops): building one scans the whole vocabulary
+    (seconds at 150 k ids), its calls keep no state. None where it cannot read the tokenizer."""
+    try:
+        return StopStringCriteria(tokenizer, list(stops))
+    except ValueError:
+        return None
 
 
 @dataclass

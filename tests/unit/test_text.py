@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+from functools import cache
 
-from fusion_llm.text import IncrementalText, cut_at_stop, stop_prefix_length
-from fusion_llm.tiny import build_tokenizer
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion_llm.text import REPLACEMENT_CHAR, IncrementalText, cut_at_stop, stop_prefix_length
+from fusion_llm.tiny import build_tokenizer as build_fresh_tokenizer
+
+build_tokenizer = cache(build_fresh_tokenizer)  # training the tiny BPE once is enough
 
 
 @pytest.mark.parametrize(
@@ -54,3 +60,30 @@ def test_eos_is_not_part_of_the_text(tokenizer):
         text.push(i)
     text.finish()
     assert text.final_text() == "the river"
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    ids=st.lists(st.integers(min_value=0, max_value=319), min_size=1, max_size=40),
+    stops=st.lists(st.sampled_from(["e", "the", " k", "ng o", "\n", "é"]), max_size=2),
+)
+def test_incremental_streaming_adds_up_to_the_full_decode_cut_at_the_first_stop(ids, stops):
+    tokenizer = build_tokenizer()
+    text = IncrementalText(tokenizer, stops, eos_ids={tokenizer.eos_token_id})
+    deltas = [text.push(i) for i in ids] + [text.finish()]
+    full = tokenizer.decode(
+        [i for i in ids if i != tokenizer.eos_token_id], skip_special_tokens=True
+    )
+    assert "".join(deltas) == text.final_text() == cut_at_stop(full, stops)
+    released = ""
+    for delta in deltas[:-1]:
+        released += delta
+        assert not any(s in released for s in stops)
+
+
+def test_multi_byte_characters_are_released_whole(tokenizer):
+    ids = tokenizer("café ünïcode 日本")["input_ids"]
+    text = IncrementalText(tokenizer, [], eos_ids=set())
+    deltas = [text.push(i) for i in ids] + [text.finish()]
+    assert "".join(deltas) == "café ünïcode 日本"
+    assert not any(REPLACEMENT_CHAR in d for d in deltas)
