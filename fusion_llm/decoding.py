@@ -11,6 +11,7 @@ Pipeline of one request batch:
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -174,7 +175,8 @@ def build_sampler(spec: GenerationSpec) -> Callable[[Tensor, Tensor], Tensor]:
         nonlocal generator
         if generator is None:
             generator = torch.Generator(device=logits.device)
-            generator.manual_seed(spec.seed if spec.seed is not None else torch.seed())
+            # Unseeded: a fresh seed of our own (torch.seed() would re-seed the global RNG).
+            generator.manual_seed(spec.seed if spec.seed is not None else secrets.randbits(63))
         probs = torch.softmax(warpers(ids, logits), dim=-1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 

@@ -220,3 +220,11 @@ def test_each_prompt_can_fuse_its_own_experts_in_one_batch(engine):
             torch.tensor(got.alpha), torch.tensor(alone.alpha), atol=2e-3, rtol=0
         )
     assert together[2].mode == "none" and together[2].alpha == [[]] * 6
+
+
+def test_an_unseeded_sampled_call_leaves_torchs_global_random_state_alone(engine):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    engine.generate("the king", temperature=0.9, max_new_tokens=3)
+    assert torch.equal(torch.rand(3), expected)
