@@ -1,141 +1,54 @@
-"""Micro-batching: concurrent requests are decoded together, one batch at a time.
+"""Continuous batching: one decoder thread runs every request, joining and leaving at steps.
 
-Callers (threads, or an event loop's executor) submit prepared requests and read their own queue.
-One worker thread owns the models: it collects what arrives within a short window, merges the
-requests that can share a batch (same mode and sampling; sampled requests only alone, so a seed
-keeps its meaning), decodes them as one `DecodeBatch` (experts as the union with a per-row mask,
-each row with its own budget and stop strings) and routes each step's rows back to their request.
-A request larger than `max_rows` is decoded in parts of at most `max_rows` rows.
+Callers (threads, or an event loop) submit prepared requests and read their own queue. The worker
+owns the models. At every step boundary the `Scheduler` says which waiting requests join; they
+are prefilled and merged into the running caches (`decoding.ModelState`), then every running row
+is fused (each with its own experts and mode), sampled (each with its own sampling parameters and
+seeded generator), and its token sent to its caller; a request returns the moment its own rows
+finish, and a request whose reader goes away leaves at the next step. A request larger than
+`max_rows` is decoded in parts.
 
 Faults stay with their request: a row without a finite large-model logit fails its own request
-only, and when a merged batch raises, each request of it runs again alone (already delivered steps
-are skipped), so only the request at fault gets the error. Whatever a forward raises (any
-`BaseException`), the caller gets a typed error and the worker goes on; a dead worker is restarted
-by the next `submit`.
-A request whose reader goes away is cancelled: its rows leave the batch at the next step.
+only; when a shared prefill or step raises, each request involved runs again alone (steps already
+delivered are skipped), so only the request at fault gets the error. Whatever a forward raises
+(any `BaseException`), the caller gets a typed error and the worker goes on; a dead worker is
+restarted by the next `submit`.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import GenerationSpec
-from .decoding import GREEDY_TEMPERATURE, DecodeBatch, PromptBatch, decode
+from .decoding import ModelState, RowSampler, fuse_rows, sample_rows, stop_checker, stop_window
 from .errors import DecoderFaultError, DeviceError, FusionError, NumericalFaultError
 from .fusion import AlphaSolver
 from .models import ModelSet
+from .request import Request, RowEvent, Submission, Ticket
+from .scheduler import Scheduler
 
-DONE = object()  # end of a request's events
+STOP_PAD = 2**31 - 1  # left padding of short rows for the stop check: no token's text
 
 
 @dataclass
-class Request:
-    """A validated, tokenized request."""
+class LiveRow:
+    """One running row: who it belongs to and how it samples, stops and ends."""
 
-    tokens: PromptBatch
-    experts: list[str]  # every expert some row uses, in a fixed order
-    mode: str
-    spec: GenerationSpec
-    eos_ids: set[int]
-    row_experts: list[list[str]]  # each row's experts (a subset of `experts`)
+    ticket: Ticket
+    local: int  # index within its ticket
+    sampler: RowSampler
+    experts: list[str]
+    tokens: list[int] = field(default_factory=list)
 
     @property
-    def rows(self) -> int:
-        return len(self.tokens.large)
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share a batch."""
-        sampling = (self.spec.temperature, self.spec.top_k, self.spec.top_p, self.spec.seed)
-        alone = id(self) if self.spec.temperature >= GREEDY_TEMPERATURE else None
-        return (self.mode, sampling, frozenset(self.eos_ids), alone)
-
-    def parts(self, max_rows: int) -> list[tuple[int, Request]]:
-        """(first row, sub-request) pieces of at most `max_rows` rows each."""
-        if self.rows <= max_rows:
-            return [(0, self)]
-        pieces = []
-        for start in range(0, self.rows, max_rows):
-            rows = slice(start, start + max_rows)
-            row_experts = self.row_experts[rows]
-            used = {e for names in row_experts for e in names}
-            tokens = PromptBatch(
-                self.tokens.large[rows],
-                self.tokens.small[rows],
-                {name: ids[rows] for name, ids in self.tokens.experts.items() if name in used},
-            )
-            experts = [e for e in self.experts if e in used]
-            pieces.append(
-                (start, Request(tokens, experts, self.mode, self.spec, self.eos_ids, row_experts))
-            )
-        return pieces
-
-
-@dataclass
-class RowEvent:
-    row: int  # index within its request
-    token: int
-    alpha: list[float]  # over the request's own experts
-    fallback: bool
-    finished: str | None
-
-
-class Submission:
-    """One caller's request as the decoder sees it: where events go, cancellation, parts left.
-
-    Events (lists of `RowEvent`) go to `put`, then DONE once every part has finished, or a single
-    typed error instead (after which nothing more is sent).
-    """
-
-    def __init__(self, put: Callable[[object], None], parts: int):
-        self._put = put
-        self._parts_left = parts
-        self._lock = threading.Lock()
-        self.cancelled = threading.Event()
-        self.failed = False
-
-    @property
-    def finished(self) -> bool:
-        return self.failed or self.cancelled.is_set()
-
-    def deliver(self, events: list[RowEvent]) -> None:
-        if not self.failed:
-            self._put(events)
-
-    def fail(self, error: FusionError) -> None:
-        with self._lock:
-            if self.failed:
-                return
-            self.failed = True
-        self.cancelled.set()  # the request's other rows and parts stop
-        self._put(error)
-
-    def part_done(self) -> None:
-        with self._lock:
-            self._parts_left -= 1
-            last = self._parts_left == 0 and not self.failed
-        if last:
-            self._put(DONE)
-
-
-@dataclass
-class Ticket:
-    """One part of a submission, as queued for the decoder."""
-
-    request: Request
-    first_row: int  # index of this part's first row in the submitted request
-    submission: Submission
-    delivered: list[int] = field(default_factory=list)  # steps given out per row
-    done: bool = False  # every row finished: the caller has had its answer
-
-    def __post_init__(self) -> None:
-        self.delivered = [0] * self.request.rows
+    def spec(self):
+        return self.ticket.request.spec
 
 
 def typed_fault(fault: BaseException) -> FusionError:
@@ -157,7 +70,7 @@ def typed_fault(fault: BaseException) -> FusionError:
     return error
 
 
-class MicroBatcher:
+class ContinuousBatcher:
     """Owns decoding; see the module docstring."""
 
     def __init__(
@@ -178,6 +91,11 @@ class MicroBatcher:
         self._incoming: queue.Queue[Ticket] = queue.Queue()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._scheduler = Scheduler(max_rows)
+        self._state: ModelState | None = None
+        self._rows: list[LiveRow] = []  # in the state's row order
+        self._row_ids = itertools.count()
+        self._solvers: dict[tuple, AlphaSolver | None] = {}
 
     def submit(self, request: Request, put: Callable[[object], None]) -> Submission:
         """Queue a request; its events (lists of `RowEvent`, then DONE, or an error) go to `put`."""
@@ -193,155 +111,208 @@ class MicroBatcher:
                 self._worker.start()
         return submission
 
+    # -- the loop ------------------------------------------------------------------------------
     def _serve(self) -> None:
-        backlog: deque[Ticket] = deque()
         try:
-            while True:
-                if not backlog:
-                    try:
-                        backlog.append(self._incoming.get(timeout=self._idle_s))
-                    except queue.Empty:
-                        with self._lock:  # submit() holds this lock: no request slips through
-                            if self._incoming.empty():
-                                self._worker = None
-                                return
-                        continue
-                self._collect(backlog)
-                self._run(self._take_group(backlog))
+            while self._rows or self._wait_for_work():
+                self._take_incoming()
+                running_isolated = any(r.ticket.isolated for r in self._rows)
+                joining = self._scheduler.admit(len(self._rows), running_isolated)
+                if joining:
+                    self._join(joining)
+                if self._rows:
+                    self._step()
         except BaseException as fault:  # a bug of the batcher itself: fail what it holds, not hang
-            for ticket in backlog:
+            held = {id(r.ticket): r.ticket for r in self._rows}
+            held.update((id(t), t) for t in self._scheduler.waiting)
+            for ticket in held.values():
                 ticket.submission.fail(typed_fault(fault))
+            self._scheduler.waiting.clear()
+            self._rows, self._state = [], None
             with self._lock:
                 self._worker = None  # the next submit starts a new worker for what is queued
 
-    def _collect(self, backlog: deque[Ticket]) -> None:
-        """Gather what arrives within the window (and whatever is already waiting)."""
+    def _wait_for_work(self) -> bool:
+        """Block until a request arrives (then gather the window's others); False when idle."""
+        if self._scheduler.waiting:
+            return True
+        try:
+            self._scheduler.add(self._incoming.get(timeout=self._idle_s))
+        except queue.Empty:
+            with self._lock:  # submit() holds this lock: no request slips through
+                if self._incoming.empty():
+                    self._worker = None
+                    return False
+            return True
         deadline = time.monotonic() + self._window_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self._scheduler.add(self._incoming.get(timeout=left))
+            except queue.Empty:
+                break
+        return True
+
+    def _take_incoming(self) -> None:
         while True:
             try:
-                backlog.append(self._incoming.get(timeout=max(0.0, deadline - time.monotonic())))
+                self._scheduler.add(self._incoming.get_nowait())
             except queue.Empty:
                 return
 
-    def _take_group(self, backlog: deque[Ticket]) -> list[Ticket]:
-        key = backlog[0].request.batch_key()
-        group, rows, rest = [], 0, deque()
-        while backlog:
-            ticket = backlog.popleft()
-            if ticket.submission.finished:
-                ticket.submission.part_done()
-                continue
-            fits = ticket.request.batch_key() == key and (
-                not group or rows + ticket.request.rows <= self._max_rows
-            )
-            if fits:
-                group.append(ticket)
-                rows += ticket.request.rows
-            else:
-                rest.append(ticket)
-        backlog.extend(rest)
-        return group
+    # -- joining -------------------------------------------------------------------------------
+    def _join(self, tickets: list[Ticket]) -> None:
+        """Prefill joining tickets together; if that raises, each alone (only the guilty fail)."""
+        rows, prompts = [], []
+        for ticket in tickets:
+            request = ticket.request
+            for local in range(request.rows):
+                row_id = next(self._row_ids)
+                sampler = RowSampler(request.spec, ticket.seeds[local])
+                rows.append(LiveRow(ticket, local, sampler, request.row_experts[local]))
+                prompts.append(request.row_prompt(local, row_id))
+        try:
+            with self._models_lock:
+                joining = ModelState.prefilled(self._models(), prompts)
+        except BaseException as fault:  # noqa: BLE001 - a forward may raise anything; we live on
+            if len(tickets) == 1:
+                tickets[0].submission.fail(typed_fault(fault))
+                return
+            for ticket in tickets:
+                self._join([ticket])
+            return
+        if self._state is None:
+            self._state = joining
+        else:
+            self._state.merge(joining)
+        self._rows += rows
 
-    def _run(self, group: list[Ticket]) -> None:
-        """Decode a group; if it raises, find whose fault it is by running each request alone."""
-        if not group:
+    # -- one step ------------------------------------------------------------------------------
+    def _step(self) -> None:
+        """Fuse, sample and deliver one token per running row, then feed the tokens back."""
+        self._drop({i for i, r in enumerate(self._rows) if r.ticket.submission.finished})
+        if not self._rows:
             return
         try:
             with self._models_lock:
-                self._decode(group)
-        except BaseException as fault:  # noqa: BLE001 - a forward may raise anything; we live on
-            if len(group) == 1:
-                group[0].submission.fail(typed_fault(fault))
-                return
-            for ticket in group:
-                if not ticket.done and not ticket.submission.finished:
-                    self._run([ticket])
-            return
-        for ticket in group:
-            if not ticket.done:
+                tokens, alpha, flags, columns = self._sample()
+                finished = self._deliver(tokens, alpha, flags, columns)
+                self._drop(finished)
+                if self._rows:
+                    keep = [i for i in range(len(tokens)) if i not in finished]
+                    self._state.step(tokens[torch.tensor(keep, device=tokens.device)])
+        except BaseException as fault:  # noqa: BLE001 - the shared state is lost: isolate
+            self._isolate(fault)
+
+    def _sample(self):
+        rows = self._rows
+        columns = list(dict.fromkeys(e for r in rows for e in r.experts))
+        fused = fuse_rows(
+            self._state,
+            [r.experts for r in rows],
+            [r.ticket.request.mode for r in rows],
+            columns,
+            self._solver,
+        )
+        tokens = sample_rows(fused.logits, [r.sampler for r in rows])
+        # The step's host syncs: the tokens with their flags, and alpha for the trace.
+        flags = torch.stack([tokens, fused.fallback.long(), fused.fault.long()], dim=1).tolist()
+        return tokens, fused.alpha.cpu(), flags, columns
+
+    def _deliver(self, tokens, alpha, flags, columns: list[str]) -> set[int]:
+        """Record each row's token, send each ticket its events; the rows that finished."""
+        stopped = self._stopped(flags)
+        events: dict[int, tuple[Ticket, list[RowEvent]]] = {}
+        finished: set[int] = set()
+        for i, (row, (token, fallback, fault)) in enumerate(zip(self._rows, flags, strict=True)):
+            ticket = row.ticket
+            if fault:
+                ticket.submission.fail(
+                    NumericalFaultError(
+                        "the large model produced no finite logit for a row of this request; "
+                        "nothing can be sampled from it (check the model's weights and dtype)"
+                    )
+                )
+                finished.add(i)
+                continue
+            row.tokens.append(token)
+            reason = self._finish_reason(row, token, stopped[i])
+            if reason is not None:
+                finished.add(i)
+            if len(row.tokens) <= ticket.delivered[row.local]:
+                continue  # a rerun replays what its caller already has
+            ticket.delivered[row.local] = len(row.tokens)
+            own = [columns.index(e) for e in row.experts]
+            event = RowEvent(
+                ticket.first_row + row.local,
+                token,
+                alpha[i, own].tolist() if own else [],
+                bool(fallback),
+                reason,
+            )
+            events.setdefault(id(ticket), (ticket, []))[1].append(event)
+        for ticket, batch in events.values():
+            ticket.submission.deliver(batch)
+        self._complete(finished)
+        return finished
+
+    def _finish_reason(self, row: LiveRow, token: int, stopped: bool) -> str | None:
+        if token in row.ticket.request.eos_ids:
+            return "eos"
+        if stopped:
+            return "stop"
+        if len(row.tokens) >= row.spec.max_new_tokens:
+            return "length"
+        return None
+
+    def _stopped(self, flags) -> list[bool]:
+        """Per row, whether its own stop strings now end its text (one check per stop list)."""
+        result = [False] * len(self._rows)
+        tokenizer = self._models().large.tokenizer
+        by_stops: dict[tuple[str, ...], list[int]] = {}
+        for i, row in enumerate(self._rows):
+            if row.spec.stop:
+                by_stops.setdefault(tuple(row.spec.stop), []).append(i)
+        for stops, members in by_stops.items():
+            width = stop_window(tokenizer, stops)
+            tails = [([*self._rows[i].tokens, flags[i][0]])[-width:] for i in members]
+            ids = torch.tensor([[STOP_PAD] * (width - len(t)) + t for t in tails])
+            for i, hit in zip(members, stop_checker(tokenizer, stops)(ids), strict=True):
+                result[i] = hit
+        return result
+
+    def _complete(self, finished: set[int]) -> None:
+        """A ticket whose rows have all finished is answered now, not when the batch ends."""
+        left: dict[int, int] = {}
+        for i, row in enumerate(self._rows):
+            if i not in finished:
+                left[id(row.ticket)] = left.get(id(row.ticket), 0) + 1
+        for i in finished:
+            ticket = self._rows[i].ticket
+            if not ticket.done and id(ticket) not in left and not ticket.submission.failed:
+                ticket.done = True
                 ticket.submission.part_done()
 
-    def _decode(self, group: list[Ticket]) -> None:
-        first = group[0].request
-        experts = list(dict.fromkeys(e for t in group for e in t.request.experts))
-        owner, offsets, row_columns = [], [], []
-        active_rows, prompts = [], PromptBatch([], [], {})
-        for ticket in group:
-            request = ticket.request
-            offsets.append(len(owner))
-            owner += [ticket] * request.rows
-            for names in request.row_experts:
-                row_columns.append([experts.index(e) for e in names])
-                active_rows.append([e in names for e in experts])
-            prompts.large += request.tokens.large
-            prompts.small += request.tokens.small
-        for name in {n for t in group for n in t.request.tokens.experts}:
-            prompts.experts[name] = [
-                ids
-                for t in group
-                for ids in t.request.tokens.experts.get(name, t.request.tokens.small)
-            ]
-        batch = DecodeBatch(
-            prompts=prompts,
-            experts=experts,
-            max_new_tokens=[t.request.spec.max_new_tokens for t in owner],
-            stops=[tuple(t.request.spec.stop) for t in owner],
-            active=torch.tensor(active_rows, dtype=torch.bool) if experts else None,
-        )
-        index = {id(t): i for i, t in enumerate(group)}
-        produced = [0] * len(owner)  # steps this decode made per row (a rerun skips delivered ones)
-        rows_finished = [0] * len(group)
-        cancelled: set[int] = set()
-        steps = decode(
-            self._models(),
-            batch,
-            self._solver_for(first.mode, experts),
-            first.spec,
-            first.eos_ids,
-            cancelled,
-        )
-        try:
-            for step in steps:
-                per_ticket: dict[int, list[RowEvent]] = {}
-                faulty: set[int] = set()
-                for i, row in enumerate(step.rows):
-                    ticket = owner[row]
-                    k = index[id(ticket)]
-                    local = row - offsets[k]
-                    produced[row] += 1
-                    if step.finished.get(row) == "fault":
-                        faulty.add(k)
-                    elif step.finished.get(row) is not None:
-                        rows_finished[k] += 1
-                    if produced[row] <= ticket.delivered[local]:
-                        continue
-                    ticket.delivered[local] = produced[row]
-                    alpha = step.alpha[i, row_columns[row]].tolist() if row_columns[row] else []
-                    event = RowEvent(
-                        ticket.first_row + local,
-                        step.tokens[i],
-                        alpha,
-                        step.fallback[i],
-                        step.finished.get(row),
-                    )
-                    per_ticket.setdefault(k, []).append(event)
-                for k in faulty:
-                    group[k].submission.fail(
-                        NumericalFaultError(
-                            "the large model produced no finite logit for a row of this request; "
-                            "nothing can be sampled from it (check the model's weights and dtype)"
-                        )
-                    )
-                for k, events in per_ticket.items():
-                    group[k].submission.deliver(events)
-                for k, ticket in enumerate(group):
-                    if not ticket.done and rows_finished[k] == ticket.request.rows:
-                        ticket.done = True  # answered now, not when the longest row ends
-                        ticket.submission.part_done()
-                for k, ticket in enumerate(group):
-                    if ticket.submission.finished:
-                        cancelled.update(range(offsets[k], offsets[k] + ticket.request.rows))
-                if len(cancelled) == len(owner):
-                    return
-        finally:
-            steps.close()
+    def _drop(self, positions: set[int]) -> None:
+        if not positions:
+            return
+        kept = [r for i, r in enumerate(self._rows) if i not in positions]
+        ids = self._state.rows
+        self._state.keep({ids[i] for i in range(len(ids)) if i not in positions})
+        self._rows = kept
+        if not kept:
+            self._state = None
+
+    def _isolate(self, fault: BaseException) -> None:
+        """The shared batch raised: its requests run again one by one (the guilty one fails)."""
+        tickets = list({id(r.ticket): r.ticket for r in self._rows}.values())
+        self._rows, self._state = [], None
+        if len(tickets) == 1:
+            tickets[0].submission.fail(typed_fault(fault))
+            return
+        self._scheduler.readmit_alone([t for t in tickets if not t.submission.finished])
+
+    def _solver(self, mode: str, columns: list[str]) -> AlphaSolver | None:
+        key = (mode, tuple(columns))
+        if key not in self._solvers:
+            self._solvers[key] = self._solver_for(mode, columns)
+        return self._solvers[key]

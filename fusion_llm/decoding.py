@@ -1,18 +1,20 @@
-"""Lock-step KV-cached decoding of the large model, the small base and the experts.
+"""The decode step: per-model KV caches of the running rows, fused logits, per-row sampling.
 
-Pipeline of one request batch:
-    1. prefill: every model reads its own rendering of each prompt (left padded) into its own cache;
-    2. decode one step: fuse the last logits (`fusion.fusion_step`), sample one token per row;
-    3. every model consumes that same token; rows that hit EOS, a stop string or the token budget
-       leave the batch (their cache rows are dropped, so they cost nothing afterwards);
-    4. repeat until no row is left.
-`decode` is a generator of `Step`s; batch generation and streaming both consume it.
+Rows join and leave the running batch at step boundaries (`batcher.py` decides when):
+    1. prefill: a joining group reads its prompts (left padded) into fresh caches, which are then
+       merged into the running ones (`CacheRunner.merge`: left padding to the longer cache);
+    2. fuse: the last logits of every row (`fusion.fusion_step`, grouped by fusion mode);
+    3. sample: greedy rows by argmax, sampled rows each with its own warpers and seeded generator;
+    4. step: every model consumes the sampled token of each of its rows; finished rows leave every
+       cache first (`keep`), so they cost nothing afterwards.
+The large model is one `CacheRunner`; the small base and the experts form the `SmallPool`, which
+knows nothing of how the large model's logits were produced (the vLLM backend reuses it).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -29,29 +31,32 @@ GREEDY_TEMPERATURE = 1e-5
 
 
 class CacheRunner:
-    """One model and its KV cache over a batch of rows that can shrink."""
+    """One model and its KV cache over a set of rows (`ids`) that grows and shrinks."""
 
     def __init__(self, loaded: LoadedModel, adapter_names: list[str] | None = None):
         self.loaded = loaded
         self.adapter_names = adapter_names  # one per row, for a mixed-LoRA peft batch
         self.cache = DynamicCache(config=loaded.model.config)
+        self.ids: list[Hashable] = []  # what each row of the batch is (a row id, a slot)
         self.attention_mask: Tensor | None = None  # [N, L]
         self.next_position: Tensor | None = None  # [N]
+        self.last_logits: Tensor | None = None  # [N, V] logits of each row's last token
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+    def prefill(self, prompts: Sequence[Sequence[int]], ids: Sequence[Hashable] = ()) -> Tensor:
         """Left-pad the prompts, run them, return the logits of each row's last token [N, V]."""
         device = self.loaded.input_device
         pad = self.loaded.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
+        self.ids = list(ids) or list(range(len(prompts)))
         self.attention_mask = mask.to(device)
         positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.next_position = self.attention_mask.sum(-1)
-        return self._forward(ids.to(device), positions)
+        return self._forward(tokens.to(device), positions)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Consume one token per row ([N]), return the next logits [N, V]."""
@@ -63,13 +68,45 @@ class CacheRunner:
         return self._forward(tokens.to(device)[:, None], positions)
 
     def keep(self, rows: Tensor) -> None:
-        """Drop every row not in `rows` (indices into the current batch)."""
+        """Drop every row not in `rows` (indices into the current batch); trim shared padding."""
+        self.ids = [self.ids[i] for i in rows.tolist()]
+        if self.adapter_names is not None:
+            self.adapter_names = [self.adapter_names[i] for i in rows.tolist()]
         rows = rows.to(self.attention_mask.device)
         self.cache.batch_select_indices(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
+        self.last_logits = self.last_logits[rows]
+        unused = int((self.attention_mask.sum(0) == 0).long().cumprod(0).sum())
+        if unused and self.ids:  # columns no remaining row attends to
+            self.attention_mask = self.attention_mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = (
+                    layer.keys[..., unused:, :],
+                    layer.values[..., unused:, :],
+                )
+
+    def merge(self, other: CacheRunner) -> None:
+        """Append `other`'s rows (same model): the shorter cache is left padded to the longer."""
+        if not self.ids:
+            self.__dict__.update(other.__dict__)
+            return
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        self.attention_mask = torch.cat(
+            [_left_pad(self.attention_mask, width, 1), _left_pad(other.attention_mask, width, 1)]
+        )
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
+            )
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
+            )
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.last_logits = torch.cat([self.last_logits, other.last_logits])
+        self.ids += other.ids
         if self.adapter_names is not None:
-            self.adapter_names = [self.adapter_names[i] for i in rows.tolist()]
+            self.adapter_names += other.adapter_names
 
     def _forward(self, ids: Tensor, positions: Tensor) -> Tensor:
         extra = {"adapter_names": self.adapter_names} if self.adapter_names is not None else {}
@@ -82,103 +119,261 @@ class CacheRunner:
             logits_to_keep=1,
             **extra,
         )
-        return out.logits[:, -1, :]
+        self.last_logits = out.logits[:, -1, :]
+        return self.last_logits
+
+
+def _left_pad(tensor: Tensor, width: int, dim: int) -> Tensor:
+    """`tensor` with zeros prepended along `dim` up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@dataclass
+class RowPrompt:
+    """One row as the models read it: its id, token ids per model, and its experts."""
+
+    row: int
+    large: list[int]
+    small: list[int]  # empty for a row that fuses no expert
+    experts: list[str]
+    expert_prompts: dict[str, list[int]] = field(default_factory=dict)  # own renderings
 
 
 class SmallPool:
-    """The small base and the active experts of one request: LoRA experts as rows of ONE forward.
+    """The small base and the experts over the running rows, each forward only where it is used.
 
-    Rows of the peft forward are laid out expert-major: [base rows, lora_1 rows, lora_2 rows, ...].
-    Full-checkpoint experts each run their own model and cache.
+    Slots of ONE peft forward: (row, None) runs the small base for every fused row, (row, e) runs
+    LoRA expert e for the rows that fuse e (peft's `adapter_names` per slot). A full expert runs
+    its own model over the rows that use it. Fed one step at a time, whatever produced the large
+    model's logits.
     """
 
-    def __init__(self, models: ModelSet, experts: Sequence[str], batch: int):
-        self.experts = list(experts)
-        self.vocab = models.vocab_size  # experts may have extra (special) ids: fuse the common ones
-        lora = [e for e in self.experts if e in models.lora_experts]
-        names = (
-            [BASE_ADAPTER, *(models.lora_experts[e] for e in lora)] if models.lora_experts else None
-        )
-        self.lora_count = len(lora)
+    def __init__(self, models: ModelSet):
+        self.models = models
+        self.shared: CacheRunner | None = None
+        self.full: dict[str, CacheRunner] = {}
+
+    def prefill(self, rows: Sequence[RowPrompt]) -> None:
+        """Read the prompts of `rows` into this (empty) pool's caches; rows without experts skip."""
+        fused = [r for r in rows if r.experts]
+        if not fused:
+            return
+        lora = self.models.lora_experts
+        slots = [(r.row, None) for r in fused]
+        slots += [(r.row, e) for r in fused for e in r.experts if e in lora]
+        by_row = {r.row: r for r in fused}
         self.shared = CacheRunner(
-            models.small, None if names is None else [n for n in names for _ in range(batch)]
+            self.models.small,
+            [BASE_ADAPTER if e is None else lora[e] for _, e in slots] if lora else None,
         )
-        self.full = {e: CacheRunner(models.full_experts[e]) for e in self.experts if e not in lora}
-        self.lora_order = lora
-        self.batch = batch
+        self.shared.prefill([_prompt(by_row[row], e) for row, e in slots], slots)
+        for name in dict.fromkeys(e for r in fused for e in r.experts if e not in lora):
+            users = [r for r in fused if name in r.experts]
+            self.full[name] = CacheRunner(self.models.full_experts[name])
+            self.full[name].prefill([_prompt(r, name) for r in users], [r.row for r in users])
 
-    def prefill(
-        self,
-        small_prompts: Sequence[Sequence[int]],
-        expert_prompts: dict[str, Sequence[Sequence[int]]],
-    ) -> tuple[Tensor, Tensor]:
-        shared_prompts = list(small_prompts)
-        for name in self.lora_order:
-            shared_prompts.extend(expert_prompts.get(name, small_prompts))
-        shared = self.shared.prefill(shared_prompts)
-        full = {e: r.prefill(expert_prompts.get(e, small_prompts)) for e, r in self.full.items()}
-        return self._split(shared, full)
+    def merge(self, other: SmallPool) -> None:
+        """Take over `other`'s rows (a pool prefilled for joining rows)."""
+        if other.shared is not None:
+            self.shared = _merged(self.shared, other.shared)
+        for name, runner in other.full.items():
+            self.full[name] = _merged(self.full.get(name), runner)
 
-    def step(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        shared = self.shared.step(tokens.repeat(1 + self.lora_count))
-        full = {e: r.step(tokens) for e, r in self.full.items()}
-        return self._split(shared, full)
+    def step(self, tokens: dict[int, Tensor]) -> None:
+        """Every slot consumes its row's token (`tokens`: row -> 0-dim token tensor)."""
+        for runner in self._runners():
+            runner.step(torch.stack([tokens[_row_of(i)] for i in runner.ids]))
 
-    def keep(self, rows: Tensor) -> None:
-        self.shared.keep(torch.cat([rows + k * self.batch for k in range(1 + self.lora_count)]))
-        for runner in self.full.values():
-            runner.keep(rows)
-        self.batch = rows.numel()
+    def keep(self, rows: set[int]) -> None:
+        for runner in self._runners():
+            positions = [i for i, key in enumerate(runner.ids) if _row_of(key) in rows]
+            runner.keep(torch.tensor(positions, dtype=torch.long))
+        self.full = {e: r for e, r in self.full.items() if r.ids}
+        if self.shared is not None and not self.shared.ids:
+            self.shared = None
 
-    def _split(self, shared: Tensor, full: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(small base logits [B, V], expert logits [B, T, V] in `self.experts` order)."""
-        blocks = shared.view(1 + self.lora_count, self.batch, -1)[..., : self.vocab]
-        by_name = {name: blocks[1 + k] for k, name in enumerate(self.lora_order)}
-        by_name.update({e: z[:, : self.vocab].to(blocks.device) for e, z in full.items()})
-        return blocks[0], torch.stack([by_name[e] for e in self.experts], dim=1)
+    def logits(self, rows: Sequence[int], columns: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(small base [B, V], experts [B, T, V]) of fused `rows` over the common vocabulary; an
+        expert a row does not use reads as the small base (a zero shift)."""
+        vocab = self.models.vocab_size
+        shared = self.shared.last_logits[:, :vocab]
+        where = {key: i for i, key in enumerate(self.shared.ids)}
+        small = shared[[where[(row, None)] for row in rows]]  # [B, V]
+        experts = small[:, None, :].repeat(1, len(columns), 1)  # [B, T, V]
+        for t, name in enumerate(columns):
+            if name in self.models.lora_experts:
+                source = shared
+                position = {row: where[(row, name)] for row in rows if (row, name) in where}
+            elif name in self.full:
+                source = self.full[name].last_logits[:, :vocab]
+                position = {row: i for i, row in enumerate(self.full[name].ids)}
+            else:
+                continue
+            users = [b for b, row in enumerate(rows) if row in position]
+            if users:
+                experts[users, t] = source[[position[rows[b]] for b in users]].to(experts)
+        return small, experts
+
+    def _runners(self) -> list[CacheRunner]:
+        return [r for r in (self.shared, *self.full.values()) if r is not None]
 
 
-@dataclass
-class PromptBatch:
-    """Token ids of each prompt as each model reads it (per-model renderings)."""
-
-    large: list[list[int]]
-    small: list[list[int]]
-    experts: dict[str, list[list[int]]] = field(default_factory=dict)
+def _prompt(row: RowPrompt, expert: str | None) -> list[int]:
+    return row.small if expert is None else row.expert_prompts.get(expert, row.small)
 
 
-@dataclass
-class Step:
-    """What one decoding step produced for the rows still running."""
+def _row_of(key: Hashable) -> int:
+    return key[0] if isinstance(key, tuple) else key
 
-    rows: list[int]  # original row indices, aligned with the tensors below
-    tokens: list[int]
-    alpha: Tensor  # [n, T] on CPU
-    fallback: list[bool]
-    # row -> "eos" | "stop" | "length" | "cancelled" | "fault" (no finite large logit)
-    finished: dict[int, str] = field(default_factory=dict)
+
+def _merged(running: CacheRunner | None, joining: CacheRunner) -> CacheRunner:
+    if running is None:
+        return joining
+    running.merge(joining)
+    return running
+
+
+class ModelState:
+    """The running rows' caches: the large model's and the small-model pool's."""
+
+    def __init__(self, models: ModelSet):
+        self.models = models
+        self.large: CacheRunner | None = None
+        self.pool = SmallPool(models)
+
+    @classmethod
+    def prefilled(cls, models: ModelSet, rows: Sequence[RowPrompt]) -> ModelState:
+        """The caches of joining rows, ready to `merge` into the running state."""
+        state = cls(models)
+        state.large = CacheRunner(models.large)
+        state.large.prefill([r.large for r in rows], [r.row for r in rows])
+        state.pool.prefill(rows)
+        return state
+
+    @property
+    def rows(self) -> list[int]:
+        """Row ids in batch order (every fused tensor is aligned with it)."""
+        return [] if self.large is None else list(self.large.ids)
+
+    def merge(self, other: ModelState) -> None:
+        self.large = _merged(self.large, other.large)
+        self.pool.merge(other.pool)
+
+    def keep(self, rows: set[int]) -> None:
+        positions = [i for i, row in enumerate(self.large.ids) if row in rows]
+        self.large.keep(torch.tensor(positions, dtype=torch.long))
+        self.pool.keep(rows)
+        if not self.large.ids:
+            self.large = None
+
+    def step(self, tokens: Tensor) -> None:
+        """Every model consumes each row's token (`tokens` [B] in row order)."""
+        by_row = dict(zip(self.large.ids, tokens.unbind(), strict=True))
+        self.large.step(tokens)
+        self.pool.step(by_row)
+
+
+def fuse_rows(
+    state: ModelState,
+    experts: Sequence[Sequence[str]],
+    modes: Sequence[str],
+    columns: Sequence[str],
+    solver_for: Callable[[str, list[str]], AlphaSolver | None],
+) -> FusedStep:
+    """The fused step of every running row (`experts[b]`, `modes[b]` per row, in row order);
+    alpha over `columns`. Rows are fused in groups of one mode; rows without experts run alone."""
+    vocab = state.models.vocab_size
+    large = state.large.last_logits[:, :vocab]  # [B, V]
+    rows = state.rows
+    active = torch.tensor(
+        [[c in names for c in columns] for names in experts], dtype=torch.bool, device=large.device
+    ).reshape(len(rows), len(columns))  # [B, T]
+    groups: dict[str, list[int]] = {}
+    for b, (names, mode) in enumerate(zip(experts, modes, strict=True)):
+        groups.setdefault(mode if names else "none", []).append(b)
+    parts = []
+    for mode, members in groups.items():
+        index = torch.tensor(members, device=large.device)
+        if mode == "none":
+            step = fusion_step(large[index], None, None, active[index], None)
+        else:
+            small, expert = state.pool.logits([rows[b] for b in members], columns)
+            device = large.device
+            step = fusion_step(
+                large[index], small.to(device), expert.to(device), active[index],
+                solver_for(mode, list(columns)),
+            )  # fmt: skip
+        parts.append((index, step))
+    return _scatter(parts, len(rows), len(columns), large)
+
+
+def _scatter(parts, batch: int, width: int, like: Tensor) -> FusedStep:
+    """One FusedStep over all rows from the steps of row groups."""
+    if len(parts) == 1 and parts[0][1].alpha.shape[1] == width:
+        return parts[0][1]
+    logits = like.new_empty(batch, like.shape[1], dtype=torch.float32)
+    alpha = like.new_zeros(batch, width, dtype=torch.float32)
+    fallback = torch.zeros(batch, dtype=torch.bool, device=like.device)
+    fault = torch.zeros_like(fallback)
+    for index, step in parts:
+        logits[index] = step.logits
+        if step.alpha.shape[1] == width:
+            alpha[index] = step.alpha.to(alpha)
+        fallback[index], fault[index] = step.fallback, step.fault
+    return FusedStep(logits, alpha, fallback, fault)
+
+
+class RowSampler:
+    """One row's next token: greedy when temperature is (about) 0, else transformers' warpers and
+    multinomial with the row's own seeded generator, so a seed reproduces its row whatever else
+    shares the batch. Below 1e-5 dividing by the temperature overflows: that is greedy anyway."""
+
+    def __init__(self, spec: GenerationSpec, seed: int | None = None):
+        self.greedy = spec.temperature < GREEDY_TEMPERATURE
+        self.warpers = LogitsProcessorList()
+        if not self.greedy:
+            self.warpers.append(TemperatureLogitsWarper(spec.temperature))
+        if spec.top_k is not None and not self.greedy:
+            self.warpers.append(TopKLogitsWarper(spec.top_k))
+        if spec.top_p < 1.0 and not self.greedy:
+            self.warpers.append(TopPLogitsWarper(spec.top_p))
+        # Unseeded: a fresh seed of our own (torch.seed() would re-seed the global RNG).
+        self.seed = seed if seed is not None else secrets.randbits(63)
+        self.generator: torch.Generator | None = None
+
+    def sample(self, logits: Tensor) -> Tensor:
+        """logits [V] -> token (0-dim)."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=logits.device)
+            self.generator.manual_seed(self.seed)
+        warped = self.warpers(None, logits[None, :])
+        return torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=self.generator)[0, 0]
+
+
+def sample_rows(logits: Tensor, samplers: Sequence[RowSampler]) -> Tensor:
+    """logits [B, V] -> tokens [B]: greedy rows at once, sampled rows each with its own sampler."""
+    tokens = logits.argmax(dim=-1)
+    for b, sampler in enumerate(samplers):
+        if not sampler.greedy:
+            tokens[b] = sampler.sample(logits[b])
+    return tokens
 
 
 def build_sampler(spec: GenerationSpec) -> Callable[[Tensor, Tensor], Tensor]:
-    """Greedy when temperature is (about) 0, else transformers' warpers, then multinomial with a
-    seeded generator. Below 1e-5 dividing by the temperature overflows: that is greedy anyway."""
-    if spec.temperature < GREEDY_TEMPERATURE:
-        return lambda logits, _ids: logits.argmax(dim=-1)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(spec.temperature)])
-    if spec.top_k is not None:
-        warpers.append(TopKLogitsWarper(spec.top_k))
-    if spec.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(spec.top_p))
-    generator: torch.Generator | None = None
+    """One sampler for every row of a batch (the bench times sampling this way)."""
+    samplers: list[RowSampler] = []
 
-    def sample(logits: Tensor, ids: Tensor) -> Tensor:
-        nonlocal generator
-        if generator is None:
-            generator = torch.Generator(device=logits.device)
-            # Unseeded: a fresh seed of our own (torch.seed() would re-seed the global RNG).
-            generator.manual_seed(spec.seed if spec.seed is not None else secrets.randbits(63))
-        probs = torch.softmax(warpers(ids, logits), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    def sample(logits: Tensor, _ids: Tensor) -> Tensor:
+        while len(samplers) < logits.shape[0]:
+            samplers.append(
+                RowSampler(spec, None if spec.seed is None else spec.seed + len(samplers))
+            )
+        return sample_rows(logits, samplers[: logits.shape[0]])
 
     return sample
 
@@ -207,6 +402,14 @@ def stop_checker(tokenizer, stops: Sequence[str]) -> Callable[[Tensor], list[boo
     return lambda generated: criteria(generated, None).tolist()
 
 
+def stop_window(tokenizer, stops: Sequence[str]) -> int:
+    """How many last tokens `stop_checker` needs to see."""
+    criteria = _stop_criteria(tokenizer, tuple(stops)) if stops else None
+    return (
+        criteria.maximum_token_len if criteria is not None else max(map(len, stops), default=0) + 1
+    )
+
+
 @lru_cache(maxsize=128)
 def _stop_criteria(tokenizer, stops: tuple[str, ...]) -> StopStringCriteria | None:
     """One StopStringCriteria per (tokenizer, stops): building one scans the whole vocabulary
@@ -215,106 +418,3 @@ def _stop_criteria(tokenizer, stops: tuple[str, ...]) -> StopStringCriteria | No
         return StopStringCriteria(tokenizer, list(stops))
     except ValueError:
         return None
-
-
-@dataclass
-class DecodeBatch:
-    """Rows to decode together: prompts per model, experts, and each row's budget and stops."""
-
-    prompts: PromptBatch
-    experts: list[str]
-    max_new_tokens: list[int]
-    stops: list[tuple[str, ...]]
-    active: Tensor | None = None  # [B, T] which experts fuse in each row; None: all of them
-
-
-@torch.no_grad()
-def decode(
-    models: ModelSet,
-    batch: DecodeBatch,
-    solver: AlphaSolver | None,
-    sampling: GenerationSpec,
-    eos_ids: set[int],
-    cancelled: set[int] | None = None,
-) -> Iterator[Step]:
-    """Generate for every row in lock step; yields one `Step` per decoding step.
-
-    `solver(large_logp, shifts, active) -> alpha` picks alpha; `solver=None` runs the large model
-    alone (no small forward at all). `sampling` gives temperature / top-k / top-p / seed for all
-    rows. Rows whose index is added to `cancelled` leave at the next step (reason "cancelled").
-    """
-    size = len(batch.prompts.large)
-    vocab = models.vocab_size
-    device = models.large.input_device
-    large = CacheRunner(models.large)
-    pool = SmallPool(models, batch.experts, size) if solver is not None else None
-    sample = build_sampler(sampling)
-    checkers = {s: stop_checker(models.large.tokenizer, s) for s in set(batch.stops)}
-    rows = torch.arange(size)  # original index of each live row
-    generated = torch.zeros((size, 0), dtype=torch.long, device=device)
-    active = batch.active if batch.active is not None else torch.ones(size, len(batch.experts))
-    active = active.to(device=device, dtype=torch.bool)
-    cancelled = cancelled if cancelled is not None else set()
-
-    large_logits = large.prefill(batch.prompts.large)
-    if pool is not None:
-        small_logits, expert_logits = pool.prefill(batch.prompts.small, batch.prompts.experts)
-    for count in range(1, max(batch.max_new_tokens) + 1):
-        fused: FusedStep = fusion_step(
-            large_logits[:, :vocab],
-            None if pool is None else small_logits.to(device),
-            None if pool is None else expert_logits.to(device),
-            active,
-            solver,
-        )
-        tokens = sample(fused.logits, generated)
-        generated = torch.cat([generated, tokens[:, None]], dim=-1)
-
-        live = rows.tolist()
-        token_list = tokens.tolist()
-        faults = fused.fault.tolist()
-        stopped = _stopped(checkers, generated, [batch.stops[r] for r in live])
-        finished: dict[int, str] = {}
-        for i, (row, token) in enumerate(zip(live, token_list, strict=True)):
-            if faults[i]:
-                finished[i] = "fault"
-            elif row in cancelled:
-                finished[i] = "cancelled"
-            elif token in eos_ids:
-                finished[i] = "eos"
-            elif stopped[i]:
-                finished[i] = "stop"
-            elif count >= batch.max_new_tokens[row]:
-                finished[i] = "length"
-        yield Step(
-            rows=live,
-            tokens=token_list,
-            alpha=fused.alpha.cpu(),
-            fallback=fused.fallback.tolist(),
-            finished={live[i]: reason for i, reason in finished.items()},
-        )
-        if len(finished) == len(live):
-            return
-        if finished:
-            # Finished rows leave every cache: they cost nothing from the next step on.
-            keep = torch.tensor([i for i in range(len(live)) if i not in finished])
-            rows = rows[keep]
-            tokens, generated, active = (t[keep.to(device)] for t in (tokens, generated, active))
-            large.keep(keep)
-            if pool is not None:
-                pool.keep(keep)
-        large_logits = large.step(tokens)
-        if pool is not None:
-            small_logits, expert_logits = pool.step(tokens)
-
-
-def _stopped(checkers, generated: Tensor, stops: list[tuple[str, ...]]) -> list[bool]:
-    """Per live row, whether its own stop strings now occur; one check per distinct stop list."""
-    result = [False] * len(stops)
-    for key, check in checkers.items():
-        positions = [i for i, s in enumerate(stops) if s == key]
-        if key and positions:
-            index = torch.tensor(positions, device=generated.device)
-            for i, hit in zip(positions, check(generated[index]), strict=True):
-                result[i] = hit
-    return result

@@ -1,8 +1,8 @@
 """FusionEngine: the public entry point. Validates requests, tokenizes, decodes, assembles results.
 
 Constructing an engine is cheap: models load on first use, once. Every call goes to one decoder
-thread (`batcher.MicroBatcher`) that gathers concurrent calls into shared batches: callers never
-share caches or interleave on them, and each gets exactly the rows it asked for.
+thread (`batcher.ContinuousBatcher`) that runs concurrent calls in one continuously batched decode:
+requests join and leave at step boundaries, and each caller gets exactly the rows it asked for.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .batcher import DONE, MicroBatcher, Request
+from .batcher import ContinuousBatcher
 from .config import FusionConfig, FusionMode, GenerationSpec
-from .decoding import PromptBatch
 from .errors import ContextWindowError, RequestError, UnknownExpertError
 from .fusion import AlphaSolver, make_solver
 from .models import LoadedModel, ModelSet, load_models
+from .request import DONE, PromptBatch, Request
 from .text import IncrementalText
 
 MODES = ("none", "static", "paper", "dynamic")
@@ -132,7 +132,7 @@ class FusionEngine:
         # adapter selection installs hooks for the length of a forward, so forwards must not overlap.
         self._run_lock = threading.RLock()
         batching = self.config.batching
-        self._batcher = MicroBatcher(
+        self._batcher = ContinuousBatcher(
             lambda: self.models,
             self._solver_for,
             self._run_lock,
@@ -251,8 +251,9 @@ class FusionEngine:
         mode: FusionMode | None = None,
         **overrides: Any,
     ) -> list[Generation]:
-        """`generate` for asyncio: waits on the decoder without holding a thread or the loop."""
-        request = self._prepare(prompts, experts, mode, overrides)
+        """`generate` for asyncio: waits on the decoder without holding a thread or the loop
+        (validation, tokenizing and the first load run in a worker thread)."""
+        request = await asyncio.to_thread(self._prepare, prompts, experts, mode, overrides)
         results = {c.row: c.generation async for c in self._arun(request, stream=False)}
         return [results[i] for i in range(request.rows)]
 
@@ -264,11 +265,20 @@ class FusionEngine:
         mode: FusionMode | None = None,
         **overrides: Any,
     ) -> AsyncIterator[StreamChunk]:
-        """`stream` for asyncio; cancelling the consuming task stops the request's rows."""
-        return self._arun(self._prepare(prompts, experts, mode, overrides), stream=True)
+        """`stream` for asyncio; cancelling the consuming task stops the request's rows.
+
+        Validation errors are raised at the first chunk: preparing runs in a worker thread."""
+
+        async def chunks() -> AsyncIterator[StreamChunk]:
+            request = await asyncio.to_thread(self._prepare, prompts, experts, mode, overrides)
+            async with contextlib.aclosing(self._arun(request, stream=True)) as pieces:
+                async for chunk in pieces:
+                    yield chunk
+
+        return chunks()
 
     def _run(self, request: Request, stream: bool) -> Iterator[StreamChunk]:
-        """Submit to the micro-batcher and turn its row events into chunks; leaving cancels."""
+        """Submit to the batcher and turn its row events into chunks; leaving cancels."""
         inbox: queue.Queue = queue.Queue()
         ticket = self._batcher.submit(request, inbox.put)
         rows = self._row_results(request)
