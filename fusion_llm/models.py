@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -186,7 +187,7 @@ def is_lora_adapter(spec: ExpertSpec) -> bool:
 
 def load_models(config: FusionConfig) -> ModelSet:
     """Load everything the config names, check vocabularies, attach LoRA adapters to the small base."""
-    large = load_model(config.large, "large base")
+    large = shared_large_model(config.large)
     small = load_model(config.small, "small base")
     lora_specs = [e for e in config.experts if is_lora_adapter(e)]
     adapter_configs = {e.name: _read_adapter_config(e) for e in lora_specs}
@@ -215,6 +216,23 @@ def load_models(config: FusionConfig) -> ModelSet:
         lora_experts=adapters,
         vocab_size=vocab_size,
     )
+
+
+_large_models: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
+_large_models_lock = threading.Lock()
+
+
+def shared_large_model(spec: ModelSpec) -> LoadedModel:
+    """The large base of `spec`, loaded once per process while an engine holds it: engines that
+    differ only in their experts (e.g. merged experts under compose="weights") share it. It is
+    only read (eval mode, no adapters), so several decoders may run it."""
+    key = spec.model_dump_json()
+    with _large_models_lock:
+        loaded = _large_models.get(key)
+        if loaded is None:
+            loaded = load_model(spec, "large base")
+            _large_models[key] = loaded
+        return loaded
 
 
 def _check_embeddings(loaded: LoadedModel, vocab_size: int) -> None:

@@ -91,3 +91,8 @@ def test_invalid_sets_are_request_errors(
 ) -> None:
     with pytest.raises(RequestError, match=message):
         WeightComposer(merge_engine, tmp_path).config_for(experts)
+
+
+def test_an_engine_for_a_merged_expert_shares_the_large_model(merge_engine, tmp_path) -> None:
+    config = WeightComposer(merge_engine, tmp_path).config_for(["lora_a", "lora_b"])
+    assert FusionEngine(config).models.large is merge_engine.models.large
