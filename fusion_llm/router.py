@@ -223,7 +223,9 @@ class TaskRouter:
             return decision
         if config.gate == "warn":
             decision = replace(decision, warned=hurting)
-            warnings.warn(decision.reason + " (gate: warn; set gate: enforce to refuse)", stacklevel=3)
+            warnings.warn(
+                decision.reason + " (gate: warn; set gate: enforce to refuse)", stacklevel=3
+            )
             return decision
         kept = [e for e in decision.experts if e not in hurting]
         return replace(decision, experts=kept, refused=hurting)
@@ -266,7 +268,9 @@ class TaskRouter:
             with self.engine.exclusive():
                 small = self.engine.models.small
                 _example_centroids[self.engine] = {
-                    name: _unit(prompt_embeddings(small, [FusionPrompt(e) for e in prompts]).mean(0))
+                    name: _unit(
+                        prompt_embeddings(small, [FusionPrompt(e) for e in prompts]).mean(0)
+                    )
                     for name, prompts in examples.items()
                 }
         return _example_centroids[self.engine]

@@ -41,14 +41,15 @@ def loadable_baselines(
     for name, entry in trained.items():
         folder = Path(entry["path"])
         if entry["kind"] == "lora":
-            folder = _merge_lora(folder, models_dir / "large", work_dir / name)
+            folder = merge_lora(folder, models_dir / "large", work_dir / name)
         folders[name] = folder
     return folders
 
 
-def _merge_lora(adapter_dir: Path, base_dir: Path, out_dir: Path) -> Path:
+def merge_lora(adapter_dir: Path, base_dir: Path | str, out_dir: Path, half: bool = True) -> Path:
+    """The LoRA adapter merged into its base, saved (fp16 when `half`) with the adapter's tokenizer."""
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.half().save_pretrained(out_dir)
+    (merged.half() if half else merged).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
     return out_dir

@@ -234,7 +234,8 @@ class Reproduction:
         interleaved within each round so that drifting machine load hits them alike, and each
         row's time is its median over the rounds (greedy: every round generates the same)."""
         runs = {row.name: [] for row in rows}
-        for _ in range(rounds):
+        for round_ in range(rounds):
+            self.log(f"table 3 timing: round {round_ + 1} of {rounds}, {len(rows)} rows")
             for row in rows:
                 runs[row.name].append(self._evaluate(row, per_task))
         timed = {}
@@ -277,11 +278,12 @@ def gap_closed(method: float, base: float, full_ft: float) -> float | None:
     return None if abs(full_ft - base) < 1e-9 else (method - base) / (full_ft - base)
 
 
-def markdown(table: Table, results: dict[str, RowResult]) -> str:
+def markdown(table: Table, results: dict[str, RowResult], columns: list[str] | None = None) -> str:
     """The table with the best value of each column within a source size in bold, and a dagger
     where a fusion row beats its own expert; a "gap closed" column when the table has a full FT
-    (left empty when that row was committed at other settings than this run's)."""
-    columns = [*TASKS, "avg"]
+    (left empty when that row was committed at other settings than this run's). `columns`: the
+    score keys shown (default: the zoo's tasks and their average)."""
+    columns = columns or [*TASKS, "avg"]
     header = ["row", *columns] + (["gap closed"] if table.full_ft else [])
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     best = {

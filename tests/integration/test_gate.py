@@ -1,0 +1,153 @@
+"""The gate on the shipped family: a deliberately harmful expert (trivia questions trained on
+answers shuffled in from another task) lowers the teacher-forced likelihood of trivia references,
+so `gate: enforce` never activates it and the output is the large model's alone; the real trivia
+expert raises it and stays."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion_llm import FusionEngine
+from fusion_llm.cli import main
+from fusion_llm.client import FusionClient
+from fusion_llm.errors import RequestError
+from fusion_llm.eval.tasks import load_task
+from fusion_llm.train import TrainSettings, gate_experts, train_expert
+from fusion_llm.train.data import read_jsonl
+from fusion_llm.train.gate import reference_log_likelihoods, rows_for
+from fusion_llm.zoo import zoo_path
+
+PROMPTS = [e.prompt for e in load_task("trivia", "eval", 4)]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A harmful expert, a validation file of trivia references, and a card for the good expert."""
+    folder = tmp_path_factory.mktemp("gate")
+    questions = load_task("trivia", "train", 120)
+    wrong = load_task("summary", "train", 120)  # answers of another task: the wrong thing to learn
+    shuffled = folder / "shuffled.jsonl"
+    shuffled.write_text(
+        "".join(
+            json.dumps({"prompt": q.prompt, "completion": w.target}) + "\n"
+            for q, w in zip(questions, wrong, strict=True)
+        )
+    )
+    train_expert(
+        zoo_path("small"), shuffled, folder / "harmful", TrainSettings(epochs=2), log=False
+    )
+    validation = folder / "validation.jsonl"
+    validation.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "completion": e.target}) + "\n"
+            for e in load_task("trivia", "eval", 24)[8:]
+        )
+    )
+    return {
+        "harmful": folder / "harmful",
+        "validation": validation,
+        "good_card": folder / "good.json",
+    }
+
+
+def config(family: dict[str, Path], gate: str) -> dict:
+    return {
+        "large": {"path": str(zoo_path("large"))},
+        "small": {"path": str(zoo_path("small"))},
+        "experts": [
+            {
+                "name": "trivia",
+                "path": str(zoo_path("small-trivia-lora")),
+                "card": str(family["good_card"]),
+            },
+            {"name": "harmful", "path": str(family["harmful"])},
+        ],
+        "generation": {"max_new_tokens": 12, "stop": ["\n"]},
+        "gate": gate,
+    }
+
+
+@pytest.fixture(scope="module")
+def verdicts(family) -> dict[str, dict]:
+    return gate_experts(FusionEngine(config(family, "off")), validation=family["validation"])
+
+
+def test_the_verdicts_tell_the_harmful_expert_from_the_good_one(verdicts, family) -> None:
+    assert verdicts["harmful"]["helps"] is False and verdicts["harmful"]["gain"] < 0
+    assert verdicts["trivia"]["helps"] is True and verdicts["trivia"]["gain"] > 0
+    assert verdicts["trivia"]["large_nll"] == verdicts["harmful"]["large_nll"]  # same references
+    assert verdicts["trivia"]["rows"] == 16 and verdicts["trivia"]["mode"] == "dynamic"
+    stored = json.loads((family["harmful"] / "fusion_expert.json").read_text())
+    assert list(stored["verdicts"].values())[0]["gain"] == verdicts["harmful"]["gain"]
+    assert stored["examples"]  # train-expert's examples are kept next to the verdict
+    assert Path(verdicts["trivia"]["card"]) == family["good_card"]
+
+
+def test_enforce_refuses_the_harmful_expert_and_the_output_is_the_large_model_alone(
+    verdicts, family
+) -> None:
+    client = FusionClient(FusionEngine(config(family, "enforce")))
+    routed = client.generate(PROMPTS, [(["harmful"], "call")] * len(PROMPTS))
+    alone = client.engine.generate(PROMPTS, mode="none")
+    for result, large in zip(routed, alone, strict=True):
+        assert result.decision.experts == []
+        assert result.decision.refused == {"harmful": verdicts["harmful"]["gain"]}
+        assert "gate refused harmful" in result.decision.reason
+        assert result.generation.token_ids == large.token_ids and result.generation.mode == "none"
+    (everyone,) = client.generate(PROMPTS[:1], [("all", "default")])
+    assert everyone.decision.experts == ["trivia"] and everyone.generation.experts == ["trivia"]
+
+
+def test_warn_keeps_the_harmful_expert_with_a_warning_and_off_ignores_verdicts(verdicts, family):
+    warned = FusionClient(FusionEngine(config(family, "warn")))
+    with pytest.warns(UserWarning, match="gate warns about harmful"):
+        (result,) = warned.generate(PROMPTS[:1], [(["harmful"], "call")])
+    assert result.decision.experts == ["harmful"] and "harmful" in result.decision.warned
+    off = FusionClient(FusionEngine(config(family, "off")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (result,) = off.generate(PROMPTS[:1], [(["harmful"], "call")])
+    assert result.decision.experts == ["harmful"] and not result.decision.refused
+    assert not [w for w in caught if "gate" in str(w.message)]
+
+
+def test_an_expert_equal_to_the_small_base_changes_no_log_likelihood(family) -> None:
+    twin = config(family, "off")
+    twin["experts"] = [{"name": "twin", "path": str(zoo_path("small")), "kind": "full"}]
+    engine = FusionEngine(twin)
+    prompts, references = rows_for(engine, read_jsonl(family["validation"]))
+    fused, large, tokens = reference_log_likelihoods(
+        engine, "twin", prompts, references, batch_size=5
+    )
+    assert torch.allclose(fused, large, atol=1e-4)
+    assert tokens.tolist() == [len(r) for r in references]
+    assert bool((large < 0).all())
+
+
+def test_large_alone_log_likelihood_is_the_sum_of_next_token_log_probabilities(family) -> None:
+    engine = FusionEngine(config(family, "off"))
+    prompts, references = rows_for(engine, read_jsonl(family["validation"])[:2])
+    _, large, _ = reference_log_likelihoods(engine, "trivia", prompts, references, batch_size=2)
+    model, tokenizer = engine.models.large.model, engine.models.large.tokenizer
+    for row, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
+        ids = tokenizer(prompt.text)["input_ids"] + reference
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        start = len(ids) - len(reference)
+        expected = sum(float(logp[start - 1 + i, t]) for i, t in enumerate(reference))
+        assert float(large[row]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_the_gate_cli_and_a_missing_validation_set(family, tmp_path, capsys) -> None:
+    path = tmp_path / "fusion.json"
+    path.write_text(json.dumps(config(family, "enforce")))
+    args = ["gate", "--config", str(path), "--experts", "harmful", "--limit", "8"]
+    assert main([*args, "--validation", str(family["validation"])]) == 0
+    assert "harmful: HURTS" in capsys.readouterr().out
+    with pytest.raises(RequestError, match="no held-out validation rows"):
+        gate_experts(FusionEngine(config(family, "off")), ["harmful"])
