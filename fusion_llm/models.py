@@ -14,6 +14,8 @@ import socket
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -185,8 +187,32 @@ def is_lora_adapter(spec: ExpertSpec) -> bool:
     return (Path(spec.path) / "adapter_config.json").is_file()
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No weight-loading progress bars and no deprecation notices from the libraries while models
+    load: loading takes a second or two per model, and these would print on every engine."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", category=FutureWarning, module=r"(transformers|peft)\."
+            )
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_models(config: FusionConfig) -> ModelSet:
     """Load everything the config names, check vocabularies, attach LoRA adapters to the small base."""
+    with quiet_loading():
+        return _load_models(config)
+
+
+def _load_models(config: FusionConfig) -> ModelSet:
     large = shared_large_model(config.large)
     small = load_model(config.small, "small base")
     lora_specs = [e for e in config.experts if is_lora_adapter(e)]

@@ -36,7 +36,9 @@ def recompute_without_cache(engine, prompt: FusionPrompt, experts, mode, steps):
             [
                 last_logits(models.full_experts[e].model, small_ids)
                 if e in models.full_experts
-                else last_logits(models.small.model, small_ids, adapter_names=[models.lora_experts[e]])
+                else last_logits(
+                    models.small.model, small_ids, adapter_names=[models.lora_experts[e]]
+                )
                 for e in experts
             ],
             dim=1,
@@ -228,3 +230,22 @@ def test_an_unseeded_sampled_call_leaves_torchs_global_random_state_alone(engine
     torch.manual_seed(123)
     engine.generate("the king", temperature=0.9, max_new_tokens=3)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_loading_an_engine_prints_no_progress_bars_and_warns_nothing(tiny_family, tmp_path, capfd):
+    import shutil
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    shutil.copytree(tiny_family["large"], tmp_path / "large")  # not loaded yet in this process
+    hf_logging.enable_progress_bar()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            FusionEngine(family_config(dict(tiny_family, large=tmp_path / "large"))).load()
+        assert hf_logging.is_progress_bar_enabled()  # the caller's setting is restored
+    finally:
+        hf_logging.disable_progress_bar()
+    assert "Loading weights" not in capfd.readouterr().err
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
