@@ -2,14 +2,22 @@
 
 At every step the large model's logits are shifted by the experts' differences from their small
 base, with weights solved per token (dynamic logit fusion). See `FusionEngine`.
+
+The package imports lazily: `import fusion_llm` (and the CLI's argument parsing and config
+validation) loads neither torch nor transformers; the engine's names load them on first access.
 """
 
-from .config import ExpertSpec, FusionConfig, FusionSpec, GenerationSpec, ModelSpec
-from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AdapterMismatchError,
     ConfigError,
     ContextWindowError,
+    DataError,
+    DecoderFaultError,
     DeviceError,
     FusionError,
     ModelLoadError,
@@ -20,12 +28,36 @@ from .errors import (
     VocabularyMismatchError,
 )
 
+if TYPE_CHECKING:
+    from .config import ExpertSpec, FusionConfig, FusionSpec, GenerationSpec, ModelSpec
+    from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
+
 __version__ = "0.1.0"
+
+# name -> submodule that defines it, imported on first access (PEP 562)
+_LAZY = {
+    **dict.fromkeys(
+        ("ExpertSpec", "FusionConfig", "FusionSpec", "GenerationSpec", "ModelSpec"), "config"
+    ),
+    **dict.fromkeys(("FusionEngine", "FusionPrompt", "Generation", "StreamChunk"), "engine"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        msg = f"module 'fusion_llm' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
 
 __all__ = [
     "AdapterMismatchError",
     "ConfigError",
     "ContextWindowError",
+    "DataError",
+    "DecoderFaultError",
     "DeviceError",
     "ExpertSpec",
     "FusionConfig",

@@ -1,6 +1,8 @@
 """`fusion-llm` command line: generate with a config, run the demo, manage the model zoo.
 
-Every error a user can cause ends the command with exit code 2 and one line on stderr.
+Every error a user can cause ends the command with exit code 2 and one line on stderr. Arguments
+are parsed and configs validated before torch, transformers or peft are imported, so `--help` and
+config mistakes answer at once.
 """
 
 from __future__ import annotations
@@ -12,10 +14,23 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import transformers
+from .config import FusionConfig
+from .errors import DeviceError, FusionError, RequestError
 
-from .engine import FusionEngine, Generation
-from .errors import DeviceError, FusionError, ModelNotFoundError, RequestError
+THREADS_HELP = (
+    "torch CPU threads (default: torch's own, one per core); 1 is often fastest on a busy "
+    "machine with few cores"
+)
+MODES = ("none", "static", "paper", "dynamic")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless there is none to show or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,10 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed
         return int(exit_.code or 0)
-    # Results go to stdout, errors as one line to stderr: no progress bars, library notices.
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.run(args)
     except FusionError as err:
@@ -47,35 +58,93 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fusion-llm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
-    generate = commands.add_parser("generate", help="generate text for one or more prompts")
-    generate.add_argument("prompts", nargs="+", metavar="PROMPT")
+    generate = commands.add_parser(
+        "generate",
+        help="generate text for one or more prompts",
+        description="Generate for every prompt in one batch. Prompts come from the PROMPT "
+        "arguments, from stdin (PROMPT '-', or no PROMPT with piped stdin: all of stdin is one "
+        "prompt, its final newline dropped) and from --prompts-file.",
+    )
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT")
     generate.add_argument("--config", required=True, help="YAML, TOML or JSON engine config")
-    _add_request_options(generate)
+    generate.add_argument(
+        "--prompts-file",
+        type=Path,
+        help='JSON Lines: one JSON string per line (e.g. "Question: ...\\nAnswer:"); blank '
+        "lines are skipped",
+    )
+    generate.add_argument("--experts", help="comma-separated expert names (default: all)")
+    generate.add_argument("--mode", choices=MODES)
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _add_output_options(generate, "each generated token's text next to its alpha")
+    generate.add_argument("--threads", type=_positive, help=THREADS_HELP)
     generate.set_defaults(run=_generate)
 
-    demo = commands.add_parser("demo", help="large / expert / fused answers side by side")
-    _add_request_options(demo)
+    demo = commands.add_parser(
+        "demo",
+        help="large alone / expert alone / fused, scored per task on the shipped family",
+        formatter_class=DefaultsFormatter,
+        description="Score the large base, each task's small expert and their fusion on the "
+        "first N held-out questions of every task of the shipped family, show which row wins "
+        "and a few questions in full (about 35 s on a busy 2-core CPU with the defaults).",
+    )
+    demo.add_argument(
+        "--experts", help="comma-separated tasks: math,truthful,trivia,summary,mc (default: all)"
+    )
+    demo.add_argument("--source", choices=["small", "mid"], default="small",
+                      help="the base the experts were fine-tuned from")  # fmt: skip
+    demo.add_argument(
+        "--kind", choices=["lora", "full"], help="expert kind (default: lora on small, full on mid)"
+    )
+    demo.add_argument("--mode", choices=MODES[1:], default="dynamic", help="fusion mode")
+    demo.add_argument("--n", type=_positive, default=50, help="eval questions scored per task")
+    demo.add_argument("--examples", type=int, default=2, help="questions shown per task")
+    demo.add_argument("--max-new-tokens", type=_positive, default=48, help="per answer")
+    _add_output_options(demo, "the shown questions' fused tokens with their alpha")
+    demo.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch CPU threads; the shipped models are so small that one is fastest",
+    )
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="time the fused decoder against its forwards")
+    bench = commands.add_parser(
+        "bench",
+        help="time the fused decoder against its forwards",
+        formatter_class=DefaultsFormatter,
+        description="Per-step times of every mode, their parts, baselines, the solver, "
+        "concurrency and memory. Measured on a busy 2-core CPU: `--shapes toy --experts 1 "
+        "--batch-sizes 1 --new-tokens 8 --threads 1` 34 s; `--threads 1 --experts 1,4 "
+        "--new-tokens 32` about 35 min (docs/performance.md); the defaults run more batch sizes, "
+        "expert counts and tokens, so longer still.",
+    )
     bench.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise CUDA)")
     bench.add_argument("--shapes", default="toy,realistic", help="comma-separated: toy, realistic")
-    bench.add_argument("--batch-sizes", default="1,8,32")
-    bench.add_argument("--experts", default="1,2,4", help="expert counts to compare")
-    bench.add_argument("--prompt-tokens", type=int, default=64)
-    bench.add_argument("--new-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--solver-vocabs", default="32000,151936")
-    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    bench.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
+    bench.add_argument("--experts", default="1,2,4", help="comma-separated expert counts")
+    bench.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
+    bench.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call")
+    bench.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    bench.add_argument("--solver-vocabs", default="32000,151936", help="solver vocab sizes")
+    bench.add_argument("--threads", type=_positive, help=THREADS_HELP)
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md")
     bench.set_defaults(run=_bench)
 
     reproduce = commands.add_parser(
         "reproduce",
         help="the paper's Tables 1-3, its ICL table and the alpha figure on the shipped family",
+        formatter_class=DefaultsFormatter,
+        description="Quick mode takes about 6 min on 2 cores at the defaults (--n 2: about 2 "
+        "min); progress goes to stderr.",
     )
     reproduce.add_argument("--n", type=int, default=50, help="eval questions per task")
-    reproduce.add_argument("--max-new-tokens", type=int, default=48)
+    reproduce.add_argument("--max-new-tokens", type=int, default=48, help="per answer")
     reproduce.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     reproduce.add_argument(
         "--full",
@@ -90,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--models-dir", type=Path, help="a zoo built by `fusion-llm zoo build` (default: shipped)"
     )
+    reproduce.add_argument("--threads", type=_positive, help=THREADS_HELP)
     reproduce.set_defaults(run=_reproduce)
 
     try:
@@ -98,97 +168,160 @@ def _parser() -> argparse.ArgumentParser:
         pass
     else:
         register(commands)
+    from .train.cli import register as register_training
+
+    register_training(commands)
     return parser
 
 
-def _add_request_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experts", help="comma-separated expert names (default: all)")
-    parser.add_argument("--mode", choices=["none", "static", "paper", "dynamic"])
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
-    parser.add_argument("--trace", action="store_true", help="print the per-token alpha trace")
-    parser.add_argument("--json", action="store_true", help="print results as JSON lines")
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
-def _request(args: argparse.Namespace) -> dict:
-    experts = None if args.experts is None else [e for e in args.experts.split(",") if e]
-    return {
-        "experts": experts,
-        "mode": args.mode,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": args.stop,
-    }
+def _add_output_options(parser: argparse.ArgumentParser, trace: str) -> None:
+    parser.add_argument("--trace", action="store_true", help=f"print {trace}")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def use_models(threads: int | None) -> None:
+    """Import the model stack (only now: parsing and validation stay fast), set torch's threads,
+    and keep the output clean: results on stdout, no weight-loading bars or library notices."""
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    engine = FusionEngine(args.config)
-    for generation in engine.generate(args.prompts, **_request(args)):
-        _print(generation, args)
+    config = FusionConfig.load(args.config)
+    prompts = _prompts(args)
+    use_models(args.threads)
+    from .engine import FusionEngine
+    from .text import token_texts
+
+    engine = FusionEngine(config)
+    experts = None if args.experts is None else [e for e in args.experts.split(",") if e]
+    generations = engine.generate(
+        prompts,
+        experts=experts,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    for generation in generations:
+        tokens = token_texts(engine.tokenizer, generation.token_ids) if args.trace else []
+        print(
+            _json_record(generation, tokens, args.trace)
+            if args.json
+            else _text(generation, tokens, args.trace)
+        )
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """The shipped model family, two eval questions per task: the large base alone, the small
-    expert alone and the fused model side by side, with the alpha trace summary."""
-    from .eval.tasks import TASKS, load_task
-    from .zoo import ZooNotBuiltError, zoo_config, zoo_path
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The PROMPT arguments ('-': all of stdin, also when no PROMPT is given and stdin is piped),
+    then the lines of --prompts-file."""
+    prompts = list(args.prompts)
+    if not prompts and args.prompts_file is None and not sys.stdin.isatty():
+        prompts = ["-"]
+    if prompts.count("-") > 1:
+        raise RequestError("'-' (read the prompt from stdin) can be given once")
+    prompts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in prompts]
+    if args.prompts_file is not None:
+        prompts += _read_prompts_file(args.prompts_file)
+    if not prompts:
+        msg = "no prompt given; pass PROMPT, '-' to read it from stdin, or --prompts-file FILE"
+        raise RequestError(msg)
+    return prompts
 
-    request = {k: v for k, v in _request(args).items() if k != "experts"}
-    request = {
-        "max_new_tokens": 40,
-        "stop": ["\n"],
-        **{k: v for k, v in request.items() if v is not None},
-    }
+
+def _read_prompts_file(path: Path) -> list[str]:
     try:
-        fused_engine = FusionEngine(zoo_config(list(TASKS), source="small", kind="full"))
-        experts_alone = {
-            task: FusionEngine(
-                {
-                    "large": {"path": str(zoo_path(f"small-{task}"))},
-                    "small": {"path": str(zoo_path("small"))},
-                }
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        msg = f"cannot read --prompts-file {str(path)!r} ({type(err).__name__}); pass a UTF-8 JSON Lines file"
+        raise RequestError(msg) from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)
+        except json.JSONDecodeError:
+            prompt = None
+        if not isinstance(prompt, str):
+            msg = (
+                f"{path}:{number}: each line of --prompts-file must be one JSON string, e.g. "
+                f'"Question: ...\\nAnswer:"; got {line[:60]!r}'
             )
-            for task in TASKS
-        }
-    except (ZooNotBuiltError, KeyError) as err:
-        raise ModelNotFoundError(
-            f"the shipped model family is missing ({err}); run `fusion-llm zoo build`"
-        ) from None
-    for task in TASKS:
-        examples = load_task(task, "eval", 2)
-        prompts = [e.prompt for e in examples]
-        large = fused_engine.generate(prompts, **{**request, "mode": "none"})
-        expert = experts_alone[task].generate(prompts, **{**request, "mode": "none"})
-        fused = fused_engine.generate(prompts, experts=[task], **request)
-        for example, a, b, c in zip(examples, large, expert, fused, strict=True):
-            lines = example.prompt.splitlines()
-            question = next(line for line in lines if line.startswith(("Question:", "Article:")))
-            print(f"[{task}] {question[:100]}")
-            print(f"  reference      : {example.answer!r}")
-            print(f"  large alone    : {a.text.strip()!r}")
-            print(f"  small expert   : {b.text.strip()!r}")
-            print(
-                f"  fused ({c.mode:>7}): {c.text.strip()!r}  alpha {json.dumps(c.alpha_summary()[task])}"
-            )
-            if args.trace:
-                print("    alpha per token: " + " ".join(f"{a[0]:.2f}" for a in c.alpha))
+            raise RequestError(msg)
+        prompts.append(prompt)
+    return prompts
+
+
+def _json_record(generation, tokens: list[str], trace: bool) -> str:
+    record = {
+        "text": generation.text,
+        "finish_reason": generation.finish_reason,
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "experts": generation.experts,
+        "mode": generation.mode,
+        "alpha_summary": generation.alpha_summary(),
+    }
+    if trace:
+        record |= {"tokens": tokens, "alpha": generation.alpha}
+    return json.dumps(record)
+
+
+def _text(generation, tokens: list[str], trace: bool) -> str:
+    if not trace:
+        return generation.text
+    experts = generation.experts
+    lines = [
+        generation.text,
+        f"# experts: {', '.join(experts) or '-'}  mode: {generation.mode}",
+        f"# {'step':>4}  {'token':<16} " + " ".join(f"{e:>8}" for e in experts),
+    ]
+    fallback = set(generation.fallback_steps)
+    for step, token in enumerate(tokens):
+        alpha = generation.alpha[step] if step < len(generation.alpha) else []
+        cells = " ".join(f"{a:>8.3f}" for a in alpha)
+        note = "  (large model alone: non-finite logits)" if step in fallback else ""
+        lines.append(f"# {step:>4}  {token!r:<16} {cells}{note}")
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    tasks = None if args.experts is None else [t for t in args.experts.split(",") if t]
+    use_models(args.threads)
+    from .demo import render, run_demo
+
+    report = run_demo(
+        tasks, args.source, args.kind, args.mode, args.n, args.examples, args.max_new_tokens
+    )
+    print(json.dumps(report.to_json(), indent=2) if args.json else render(report, args.trace))
     return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    if args.baselines and not args.full:
+        raise RequestError("--baselines is where --full puts the retrained baselines; add --full")
+    use_models(args.threads)
     from .eval.run import reproduce
     from .zoo import MODELS_DIR
 
-    if args.baselines and not args.full:
-        raise RequestError("--baselines is where --full puts the retrained baselines; add --full")
     texts = reproduce(
         args.out,
         n=args.n,
@@ -196,7 +329,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         full=args.full,
         baselines_dir=args.baselines,
         models_dir=args.models_dir or MODELS_DIR,
-        log=lambda line: print(line, file=sys.stderr),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     for name, text in texts.items():
         print(f"## {name}\n\n{text}\n")
@@ -205,6 +338,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    use_models(args.threads)
     import torch
 
     from .bench import BenchSettings, markdown, run_bench, write_report
@@ -218,10 +352,9 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown or args.new_tokens < 2 or args.repeats < 1:
         msg = f"bench needs shapes from {', '.join(SHAPES)}, --new-tokens >= 2 and --repeats >= 1"
         raise RequestError(msg)
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = BenchSettings(
         device=args.device,
         shapes=shapes,
@@ -232,33 +365,11 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         solver_vocabs=numbers(args.solver_vocabs),
     )
-    results = run_bench(settings, log=lambda line: print(line, file=sys.stderr))
+    results = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     json_path, md_path = write_report(results, args.out)
     print(markdown(results))
     print(f"written: {json_path}, {md_path}", file=sys.stderr)
     return 0
-
-
-def _print(generation: Generation, args: argparse.Namespace) -> None:
-    if args.json:
-        record = {
-            "text": generation.text,
-            "finish_reason": generation.finish_reason,
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "experts": generation.experts,
-            "mode": generation.mode,
-            "alpha_summary": generation.alpha_summary(),
-        }
-        if args.trace:
-            record["alpha"] = generation.alpha
-        print(json.dumps(record))
-        return
-    print(generation.text)
-    if args.trace:
-        print(f"# experts: {', '.join(generation.experts) or '-'}  mode: {generation.mode}")
-        for step, alpha in enumerate(generation.alpha):
-            print(f"# step {step}: " + " ".join(f"{a:.3f}" for a in alpha))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ config, so the family runs through the same public loading code as a user's own 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from fusion_llm.zoo.build import build_zoo
 from fusion_llm.zoo.manifest import ZooNotBuiltError, read_manifest
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -21,6 +21,16 @@ __all__ = [
     "zoo_info",
     "zoo_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `build_zoo` imports torch: loaded on first use, so the CLI parses arguments without it.
+    if name == "build_zoo":
+        from fusion_llm.zoo.build import build_zoo
+
+        return build_zoo
+    msg = f"module 'fusion_llm.zoo' has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
 def zoo_path(name: str, models_dir: Path = MODELS_DIR) -> Path:

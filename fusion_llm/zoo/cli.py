@@ -1,4 +1,7 @@
-"""`fusion-llm zoo build` and `fusion-llm zoo info`; `register` plugs them into the main CLI."""
+"""`fusion-llm zoo build`, `zoo info` and `zoo config`; `register` plugs them into the main CLI.
+
+Registering imports no torch: the build recipe is imported when `zoo build` runs.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from fusion_llm.zoo import MODELS_DIR, build_zoo, zoo_info
-from fusion_llm.zoo.build import DEFAULT_BASELINES_DIR
+import yaml
+
+from fusion_llm.errors import RequestError
+from fusion_llm.zoo import DEFAULT_EXPERT_KIND, MODELS_DIR, zoo_config, zoo_info, zoo_path
+from fusion_llm.zoo.task_families import TASKS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `zoo` command; each leaf sets `run(args) -> int`, the main CLI's dispatch key."""
+    from fusion_llm.cli import DefaultsFormatter
+
     zoo = subparsers.add_parser("zoo", help="the shipped toy model family")
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
 
@@ -24,21 +32,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--baselines",
         type=Path,
-        default=DEFAULT_BASELINES_DIR,
-        help="where the large fine-tuned baselines go (not shipped)",
+        help="where the large fine-tuned baselines go, not shipped (default: zoo-baselines/)",
     )
     build.add_argument("--no-baselines", action="store_true", help="skip the large baselines")
     build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     build.set_defaults(run=_build)
 
-    info = commands.add_parser("info", help="list the zoo's models")
+    info = commands.add_parser("info", help="list the zoo's models and their folders")
     info.add_argument("--dir", type=Path, default=MODELS_DIR)
     info.set_defaults(run=_info)
 
+    config = commands.add_parser(
+        "config",
+        help="print an engine config for the shipped family (fusion-llm zoo config > fusion.yaml)",
+        formatter_class=DefaultsFormatter,
+    )
+    config.add_argument(
+        "--source", choices=list(DEFAULT_EXPERT_KIND), default="small", help="the experts' base"
+    )
+    config.add_argument(
+        "--kind", choices=["lora", "full"], help="expert kind (default: lora on small, full on mid)"
+    )
+    config.add_argument(
+        "--experts", default=",".join(TASKS), help="comma-separated tasks, one expert each"
+    )
+    config.add_argument(
+        "--mode", choices=["none", "static", "paper", "dynamic"], default="dynamic", help="fusion"
+    )
+    config.set_defaults(run=_config)
+
 
 def _build(args: argparse.Namespace) -> int:
+    from fusion_llm.zoo.build import DEFAULT_BASELINES_DIR, build_zoo
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    baselines = None if args.no_baselines else args.baselines
+    baselines = None if args.no_baselines else (args.baselines or DEFAULT_BASELINES_DIR)
     build_zoo(
         args.out, scale=args.scale, seed=args.seed, baselines_dir=baselines, threads=args.threads
     )
@@ -47,10 +75,24 @@ def _build(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     rows = zoo_info(args.dir)
-    print(f"{'name':<22} {'kind':<5} {'base':<6} {'task':<9} {'params':>10} {'train s':>8} shipped")
+    print(f"{'name':<22} {'kind':<5} {'base':<6} {'task':<9} {'params':>10} {'train s':>8}  folder")
     for r in rows:
+        folder = zoo_path(r["name"], args.dir) if r["shipped"] else "(not shipped)"
         print(
             f"{r['name']:<22} {r['kind']:<5} {r['base'] or '-':<6} {r['task'] or '-':<9} "
-            f"{r['params']:>10,} {r['train_seconds']:>8.1f} {'yes' if r['shipped'] else 'no'}"
+            f"{r['params']:>10,} {r['train_seconds']:>8.1f}  {folder}"
         )
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    """YAML with absolute folders, so the file works from any directory; answers are one line."""
+    tasks = [t for t in args.experts.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        msg = f"unknown task(s) {', '.join(unknown)}; the zoo's tasks are {', '.join(TASKS)}"
+        raise RequestError(msg)
+    config = zoo_config(tasks, args.source, args.kind, args.mode)
+    config["generation"] = {"max_new_tokens": 48, "stop": ["\n"]}
+    print(yaml.safe_dump(config, sort_keys=False), end="")
     return 0
