@@ -1,7 +1,8 @@
 """Chat messages across frameworks: role names, and tool calls in generated text.
 
 Both adapters turn their framework's messages into `chat_message(role, content)` dicts, which the
-engine renders with each model's chat template; `parse_tool_calls` reads tool calls back out of a
+engine renders with each model's chat template; `end_of_turn` finds the text that closes an
+assistant turn (a chat reply stops there); `parse_tool_calls` reads tool calls back out of a
 reply. No framework is imported here.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable, Collection
 from typing import Any
 
 from .errors import RequestError
@@ -33,6 +35,8 @@ NO_TOOL_TEMPLATE = (
     "use a model whose chat template takes `tools`, or a ReAct-style prompt"
 )
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+# A reply no template alters (no spaces to trim, no markup to escape), found again after rendering.
+REPLY_SENTINEL = "FUSIONLLMREPLYSENTINEL"
 
 
 def chat_message(role: str, content: str, **extra: Any) -> dict[str, Any]:
@@ -43,6 +47,37 @@ def chat_message(role: str, content: str, **extra: Any) -> dict[str, Any]:
     return {"role": CHAT_ROLES[role], "content": content} | {
         k: v for k, v in extra.items() if v is not None
     }
+
+
+def non_text_content(kind: str, index: int, role: str) -> RequestError:
+    """The error for a content block the models cannot read (an image, audio, a file...)."""
+    msg = (
+        f"message {index} ({role}) has a {kind!r} content block; fusion-llm models read text "
+        "only: send its content as text (text blocks are joined)"
+    )
+    return RequestError(msg)
+
+
+def no_messages() -> RequestError:
+    return RequestError("no messages given; pass at least one chat message")
+
+
+def end_of_turn(render: Callable[[list[dict[str, Any]]], str], specials: Collection[str]) -> str:
+    """The text a chat template writes after an assistant reply, before the next turn ("" if none).
+
+    `render(messages)` renders a conversation without a generation prompt. The reply text is a
+    sentinel; what follows it is the end of the turn. A special token there (e.g. `</s>`) is cut
+    with what follows: it never appears in decoded text, and an end-of-turn token that is the
+    tokenizer's eos already ends generation.
+    """
+    rendered = render([chat_message("user", "hi"), chat_message("assistant", REPLY_SENTINEL)])
+    if REPLY_SENTINEL not in rendered:
+        return ""
+    tail = rendered.split(REPLY_SENTINEL, 1)[1]
+    cut = min((i for i in (tail.find(s) for s in specials if s) if i >= 0), default=len(tail))
+    if cut < len(tail) and not tail[:cut].strip():
+        return ""  # the turn ends with a token, not with text
+    return tail[:cut]
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:

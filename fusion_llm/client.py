@@ -9,18 +9,19 @@ that share experts into one engine batch each, and runs the engine.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .chat import NO_TOOL_TEMPLATE
+from .chat import NO_TOOL_TEMPLATE, end_of_turn, no_messages
 from .compose import WeightComposer
 from .config import FusionConfig
 from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 from .router import Route, RoutingDecision, Source, TaskRouter
 
 T = TypeVar("T")
@@ -41,6 +42,43 @@ def shared_engine(config: FusionConfig | dict[str, Any] | str | Path) -> FusionE
         if key not in _engines:
             _engines[key] = FusionEngine(resolved)
         return _engines[key]
+
+
+def adapter_engine(engine: FusionEngine | None, config_path: str | Path | None) -> FusionEngine:
+    """The engine of an adapter: `engine`, or the shared engine of `config_path`.
+
+    Adapters call this before pydantic validates their fields: pydantic would wrap a ConfigError
+    raised inside a validator into a ValidationError.
+    """
+    if engine is not None:
+        return engine
+    if config_path is None:
+        msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
+        raise ConfigError(msg)
+    return shared_engine(config_path)
+
+
+def stop_strings(*sources: str | Sequence[str] | None) -> list[str] | None:
+    """The stop strings of a call, in order, duplicates dropped; a bare string is ONE stop string."""
+    stops: list[str] = []
+    for source in sources:
+        items = [source] if isinstance(source, str) else list(source or [])
+        if not all(isinstance(s, str) for s in items):
+            msg = f"stop must be a string or a list of strings, got {source!r}"
+            raise RequestError(msg)
+        stops.extend(items)
+    return list(dict.fromkeys(stops)) or None
+
+
+def check_keywords(kwargs: Mapping[str, Any], accepted: Collection[str]) -> None:
+    """Refuse call keywords an adapter does not know (a typo must not be silently ignored)."""
+    for key in kwargs:
+        if key in accepted:
+            continue
+        close = difflib.get_close_matches(key, sorted(accepted), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        msg = f"unknown call keyword {key!r}; {hint}accepted: {', '.join(sorted(accepted))}"
+        raise RequestError(msg)
 
 
 @dataclass
@@ -102,12 +140,39 @@ class FusionClient:
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None
     ) -> FusionPrompt:
         """Each model's chat template; without one, `role: content` lines and `assistant:`."""
+        if not messages:
+            raise no_messages()
         if self.engine.has_chat_template():
             return self.engine.render_chat(messages, tools or None)
         if tools:
             raise RequestError(NO_TOOL_TEMPLATE)
-        lines = [f"{m['role']}: {m['content']}\n" for m in messages]
-        return FusionPrompt("".join(lines) + "assistant:")
+        return FusionPrompt(_role_lines(messages) + "assistant:")
+
+    def chat_stops(self) -> list[str]:
+        """Stop strings of a chat reply: the end of an assistant turn in the large model's template.
+
+        The tokenizer's eos (and any end-of-turn token that is one) stops generation by its id.
+        """
+        tokenizer = self.engine.tokenizer
+
+        def render(messages: list[dict[str, Any]]) -> str:
+            if not self.engine.has_chat_template():
+                return _role_lines(messages)
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=False
+            )
+
+        try:
+            end = end_of_turn(render, tokenizer.all_special_tokens)
+        except Exception:  # noqa: BLE001 - a template refusing this probe: the render reports it
+            return []
+        return [end] if end else []
+
+    def count_prompt_tokens(self, prompt: FusionPrompt) -> int:
+        """Tokens of a prompt as the large model reads it (the `prompt_tokens` of its generation)."""
+        text = prompt.large or prompt.text
+        ids = self.engine.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+        return len(ids)
 
     def chat_overhead_tokens(self) -> int:
         """Tokens the chat template adds around a system and a user message (0 without one).
@@ -117,8 +182,7 @@ class FusionClient:
         if not self.engine.has_chat_template():
             return 0
         empty = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
-        rendered = self.engine.render_chat(empty).large
-        return len(self.engine.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return self.count_prompt_tokens(self.engine.render_chat(empty))
 
     def supports_tools(self) -> bool:
         """Whether the large model's chat template renders tool definitions."""
@@ -129,26 +193,50 @@ class FusionClient:
         self,
         prompts: Sequence[str | FusionPrompt],
         routes: Sequence[tuple[Route, Source]],
+        *,
+        return_exceptions: bool = False,
         **overrides: Any,
-    ) -> list[RoutedGeneration]:
-        """Route each prompt (`routes[i]` = (route, source)), then one engine call per expert set."""
+    ) -> list[RoutedGeneration | Exception]:
+        """Route each prompt (`routes[i]` = (route, source)), then one engine call per expert set.
+
+        With `return_exceptions`, a row that fails gets its own exception in its place and every
+        other row its own generation: a group that raises is rerun row by row (concurrently, so the
+        engine still decodes the rows together), which finds the row at fault.
+        """
         batch = [p if isinstance(p, FusionPrompt) else FusionPrompt(p) for p in prompts]
-        decisions = self._decide(batch, routes)
+        results: list[RoutedGeneration | Exception | None] = [None] * len(batch)
+        decisions = self._decide(batch, routes, return_exceptions)
         groups: dict[tuple[str, ...], list[int]] = {}
         for row, decision in enumerate(decisions):
-            groups.setdefault(tuple(decision.experts), []).append(row)
+            if isinstance(decision, Exception):
+                results[row] = decision
+            else:
+                groups.setdefault(tuple(decision.experts), []).append(row)
 
         def run(experts: tuple[str, ...], rows: list[int]) -> list[Generation]:
             engine, names = self._runner(list(experts))
-            return engine.generate([batch[r] for r in rows], experts=names, **overrides)
+            prompts = [_renderings_for(engine, batch[r]) for r in rows]
+            return engine.generate(prompts, experts=names, **overrides)
 
         # The groups are submitted together, so the engine can decode concurrent calls as one batch.
-        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-            futures = [(rows, pool.submit(run, experts, rows)) for experts, rows in groups.items()]
-        results: list[RoutedGeneration | None] = [None] * len(batch)
-        for rows, future in futures:
-            for row, generation in zip(rows, future.result(), strict=True):
-                results[row] = RoutedGeneration(generation, decisions[row])
+        calls = list(groups.items())
+        for (experts, rows), outcome in zip(calls, _concurrently(run, calls), strict=True):
+            if isinstance(outcome, Exception):
+                if not return_exceptions:
+                    raise outcome
+                # Find the rows at fault: each row alone gets its own generation or error.
+                alone = (
+                    _concurrently(run, [(experts, [row]) for row in rows])
+                    if len(rows) > 1
+                    else [outcome]
+                )
+                outcome = [a if isinstance(a, Exception) else a[0] for a in alone]
+            for row, generation in zip(rows, outcome, strict=True):
+                results[row] = (
+                    generation
+                    if isinstance(generation, Exception)
+                    else RoutedGeneration(generation, decisions[row])
+                )
         return results  # type: ignore[return-value]  # every row was filled
 
     def stream(
@@ -158,7 +246,7 @@ class FusionClient:
         prompt = prompt if isinstance(prompt, FusionPrompt) else FusionPrompt(prompt)
         (decision,) = self._decide([prompt], [(route, source)])
         engine, names = self._runner(decision.experts)
-        return decision, engine.stream(prompt, experts=names, **overrides)
+        return decision, engine.stream(_renderings_for(engine, prompt), experts=names, **overrides)
 
     def _runner(self, experts: list[str]) -> tuple[FusionEngine, list[str]]:
         """The engine and expert names that run an expert set (under "weights": one merged expert)."""
@@ -170,19 +258,51 @@ class FusionClient:
         return shared_engine(config), [merged] if self.compose == "weights" else [*experts, merged]
 
     def _decide(
-        self, batch: Sequence[FusionPrompt], routes: Sequence[tuple[Route, Source]]
-    ) -> list[RoutingDecision]:
-        decisions: list[RoutingDecision | None] = [None] * len(batch)
+        self,
+        batch: Sequence[FusionPrompt],
+        routes: Sequence[tuple[Route, Source]],
+        return_exceptions: bool = False,
+    ) -> list[RoutingDecision | Exception]:
+        """One decision per row; with `return_exceptions` a route that fails is its rows' error."""
+        decisions: list[RoutingDecision | Exception | None] = [None] * len(batch)
         by_route: dict[str, list[int]] = {}
         for row, (route, source) in enumerate(routes):
             by_route.setdefault(repr((route, source)), []).append(row)
         for rows in by_route.values():
             route, source = routes[rows[0]]
-            for row, d in zip(
-                rows, self.router.decide([batch[r] for r in rows], route, source), strict=False
-            ):
+            try:
+                decided = self.router.decide([batch[r] for r in rows], route, source)
+            except Exception as err:
+                if not return_exceptions:
+                    raise
+                decided = [err] * len(rows)
+            for row, d in zip(rows, decided, strict=True):
                 decisions[row] = d
         return decisions  # type: ignore[return-value]  # every row was filled
+
+
+def _renderings_for(engine: FusionEngine, prompt: FusionPrompt) -> FusionPrompt:
+    """The prompt without renderings for experts `engine` lacks (a merged expert's engine)."""
+    experts = {k: v for k, v in prompt.experts.items() if k in engine.expert_names}
+    return prompt if experts == prompt.experts else replace(prompt, experts=experts)
+
+
+def _role_lines(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Messages as `role: content` lines: the chat format of models without a chat template."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def _concurrently(function: Any, calls: Sequence[tuple[Any, ...]]) -> list[Any | Exception]:
+    """`function(*call)` for every call, in threads; each call's result or its exception."""
+
+    def attempt(call: tuple[Any, ...]) -> Any:
+        try:
+            return function(*call)
+        except Exception as err:  # noqa: BLE001 - handed to the caller in the call's place
+            return err
+
+    with ThreadPoolExecutor(max_workers=max(len(calls), 1)) as pool:
+        return list(pool.map(attempt, calls))
 
 
 async def iterate_in_thread(iterator: Iterator[T]) -> AsyncIterator[T]:

@@ -1,56 +1,82 @@
-"""`ChatFusedLLM.batch` as ONE engine call per expert set, with a traced run per input.
+"""`batch` as ONE engine call per expert set, with a traced run and an outcome per input.
 
-LangChain's default chat `batch` runs one `_generate` per input (in threads); the engine decodes a
-whole batch in lock step, so batching here starts every input's run, routes each input with its
-own tags and metadata, generates all rows together and ends every run.
+LangChain's default `batch` either sends every prompt to one `_generate` that sees only the first
+input's run (`BaseLLM`) and copies one exception to every input, or runs one `_generate` per input
+in threads (`BaseChatModel`). The engine decodes a whole batch in lock step, so batching here
+starts every input's run, routes each input with its own tags and metadata, generates all rows
+together and ends every run with its own result or its own error.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.callbacks import CallbackManager
+from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import _format_ls_structured_output
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
 if TYPE_CHECKING:
     from langchain_core.language_models import LanguageModelInput
-    from langchain_core.messages import BaseMessage
 
-    from .chat_models import ChatFusedLLM
+    from .params import FusionFields
 
 
-def batch_chat(
-    model: ChatFusedLLM,
+def batch_runs(
+    model: FusionFields,
     inputs: list[LanguageModelInput],
     config: RunnableConfig | list[RunnableConfig] | None,
     return_exceptions: bool,
     kwargs: dict[str, Any],
-) -> list[BaseMessage | Exception]:
+) -> list[Any]:
+    """Each input's output (or, with `return_exceptions`, its own exception), in order."""
     configs = get_config_list(config, len(inputs))
-    message_lists = [model._convert_input(i).to_messages() for i in inputs]
+    kwargs = dict(kwargs)
     stop = kwargs.pop("stop", None)
-    run_managers = [
-        _start_run(model, messages, cfg, stop, kwargs, len(inputs))
-        for messages, cfg in zip(message_lists, configs, strict=False)
+    options = {
+        "stop": stop,
+        **_format_ls_structured_output(kwargs.pop("ls_structured_output_format", None)),
+    }
+    outputs: list[Any] = [None] * len(inputs)
+    rows, payloads = [], []
+    for row, value in enumerate(inputs):
+        try:
+            payloads.append(model._batch_payload(value))
+            rows.append(row)
+        except Exception as err:
+            if not return_exceptions:
+                raise
+            outputs[row] = err
+    managers = [
+        _start_run(model, payload, configs[row], stop, options, kwargs, len(inputs))
+        for row, payload in zip(rows, payloads, strict=True)
     ]
     try:
-        results = model._generate_rows(message_lists, stop, run_managers, **kwargs)
+        results = model._generate_rows(payloads, stop, managers, return_exceptions, **kwargs)
     except BaseException as err:
-        for manager in run_managers:
+        for manager in managers:
             manager.on_llm_error(err, response=LLMResult(generations=[]))
-        if return_exceptions and isinstance(err, Exception):
-            return [err] * len(inputs)
         raise
-    for manager, result in zip(run_managers, results, strict=False):
-        manager.on_llm_end(
-            LLMResult(generations=[result.generations], llm_output=result.llm_output)
-        )
-    return [result.generations[0].message for result in results]
+    for row, manager, result in zip(rows, managers, results, strict=True):
+        if isinstance(result, Exception):
+            manager.on_llm_error(result, response=LLMResult(generations=[]))
+            outputs[row] = result
+        else:
+            run_result, outputs[row] = model._batch_output(result)
+            manager.on_llm_end(run_result)
+    return outputs
 
 
-def _start_run(model, messages, config: RunnableConfig, stop, kwargs, batch_size: int):
+def _start_run(
+    model: FusionFields,
+    payload: Any,
+    config: RunnableConfig,
+    stop: Any,
+    options: dict[str, Any],
+    kwargs: dict[str, Any],
+    batch_size: int,
+) -> CallbackManagerForLLMRun:
     callback_manager = CallbackManager.configure(
         config.get("callbacks"),
         model.callbacks,
@@ -60,13 +86,13 @@ def _start_run(model, messages, config: RunnableConfig, stop, kwargs, batch_size
         {**(config.get("metadata") or {}), **model._get_ls_params(stop=stop, **kwargs)},
         model.metadata,
     )
-    (run_manager,) = callback_manager.on_chat_model_start(
-        model._serialized,
-        [messages],
-        invocation_params=model._get_invocation_params(stop=stop, **kwargs),
-        options={"stop": stop},
+    return model._start_batch_run(
+        callback_manager,
+        payload,
+        stop,
+        kwargs,
+        options=options,
         name=config.get("run_name"),
         run_id=config.get("run_id"),
         batch_size=batch_size,
     )
-    return run_manager

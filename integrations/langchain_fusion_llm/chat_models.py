@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.globals import get_llm_cache
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import (
     AIMessage,
@@ -20,18 +23,21 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from fusion_llm.chat import NO_TOOL_TEMPLATE, chat_message, parse_tool_calls
+from fusion_llm.chat import NO_TOOL_TEMPLATE, chat_message, non_text_content, parse_tool_calls
 from fusion_llm.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.router import RoutingDecision
 
-from .batching import batch_chat
+from .batching import batch_runs
 from .params import FusionFields
-from .structured import structured_output
+from .structured import RoutedBinding, structured_output
+
+# Content blocks of an AI message that restate its `tool_calls` (rendered from those).
+TOOL_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
 
 
 class ChatFusedLLM(FusionFields, BaseChatModel):
@@ -40,8 +46,11 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
     >>> chat = ChatFusedLLM(config_path="fusion.yaml")
     >>> chat.bind(task="math").invoke("What is 2 + 3?").content
 
-    See `langchain_fusion_llm.params` for the fields and the routing precedence.
+    See `langchain_fusion_llm.params` for the fields and the routing precedence. Replies stop at
+    the end of the assistant turn of the large model's chat template.
     """
+
+    extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools",)
 
     @property
     def _llm_type(self) -> str:
@@ -133,7 +142,7 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
     ) -> list[BaseMessage | Exception]:
         if len(inputs) < 2 or self._caches():
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        return batch_chat(self, inputs, config, return_exceptions, kwargs)
+        return batch_runs(self, inputs, config, return_exceptions, kwargs)
 
     async def abatch(
         self,
@@ -147,7 +156,22 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs
             )
-        return await asyncio.to_thread(batch_chat, self, inputs, config, return_exceptions, kwargs)
+        return await asyncio.to_thread(batch_runs, self, inputs, config, return_exceptions, kwargs)
+
+    # -- bindings that keep routing in structured output -------------------------------------
+    def bind(self, **kwargs: Any) -> RoutedBinding:
+        return RoutedBinding(bound=self, kwargs=kwargs, config={})
+
+    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> RoutedBinding:
+        return RoutedBinding(bound=self, kwargs={}, config={**(config or {}), **kwargs})
+
+    # -- token counting (LangChain memory, trimming, splitters) --------------------------------
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of the prompt the messages (and tools) render to: the call's `input_tokens`."""
+        openai_tools = [convert_to_openai_tool(t) for t in tools] if tools else None
+        return self.client.count_prompt_tokens(self._prompt(messages, openai_tools))
 
     # -- tools and structured output -------------------------------------------------------
     def bind_tools(
@@ -180,16 +204,47 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
     def _generate_rows(
         self,
         message_lists: Sequence[list[BaseMessage]],
-        stop: list[str] | None,
+        stop: str | list[str] | None,
         run_managers: Sequence[CallbackManagerForLLMRun | None],
+        return_exceptions: bool = False,
         **kwargs: Any,
-    ) -> list[ChatResult]:
+    ) -> list[ChatResult | Exception]:
         """Route each row with its own run manager; one engine batch per expert set."""
         tools = kwargs.get("tools")
-        prompts = [self._prompt(m, tools) for m in message_lists]
-        routes = [self._route(kwargs, manager) for manager in run_managers]
-        results = self.client.generate(prompts, routes, **self._overrides(stop, kwargs))
-        return [_result(r, self.model_name, bool(tools)) for r in results]
+        overrides = self._overrides(stop, kwargs, self.client.chat_stops())
+        routed = self._routed_rows(
+            lambda messages: self._prompt(messages, tools),
+            message_lists,
+            run_managers,
+            overrides,
+            kwargs,
+            return_exceptions,
+        )
+        return [
+            r if isinstance(r, Exception) else _result(r, self.model_name, bool(tools))
+            for r in routed
+        ]
+
+    def _batch_payload(self, value: LanguageModelInput) -> list[BaseMessage]:
+        return self._convert_input(value).to_messages()
+
+    def _start_batch_run(
+        self,
+        callback_manager: CallbackManager,
+        messages: list[BaseMessage],
+        stop: Any,
+        kwargs: dict[str, Any],
+        **run: Any,
+    ) -> CallbackManagerForLLMRun:
+        invocation_params = self._get_invocation_params(stop=stop, **kwargs)
+        (manager,) = callback_manager.on_chat_model_start(
+            self._serialized, [messages], invocation_params=invocation_params, **run
+        )
+        return manager
+
+    def _batch_output(self, result: ChatResult) -> tuple[LLMResult, BaseMessage]:
+        run_result = LLMResult(generations=[result.generations], llm_output=result.llm_output)
+        return run_result, result.generations[0].message
 
     def _whole_reply_chunk(self, messages, stop, run_manager, kwargs) -> ChatGenerationChunk:
         (result,) = self._generate_rows([messages], stop, [run_manager], **kwargs)
@@ -208,25 +263,23 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
         return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
     def _start_stream(self, messages, stop, run_manager, kwargs):
+        client = self.client
+        overrides = self._overrides(stop, kwargs, client.chat_stops())
         route, source = self._route(kwargs, run_manager)
-        return self.client.stream(
-            self._prompt(messages), route, source, **self._overrides(stop, kwargs)
-        )
+        return client.stream(self._prompt(messages), route, source, **overrides)
 
     def _prompt(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> FusionPrompt:
-        return self.client.chat_prompt([convert_message(m) for m in messages], tools)
-
-    def _caches(self) -> bool:
-        """Whether calls go through a LangChain cache (then the standard batch path keeps it)."""
-        return self.cache is not False and (self.cache is not None or get_llm_cache() is not None)
+        turns = [convert_message(m, i) for i, m in enumerate(messages)]
+        return self.client.chat_prompt(turns, tools)
 
 
-def convert_message(message: BaseMessage) -> dict[str, Any]:
-    """A LangChain message as a chat-template message."""
+def convert_message(message: BaseMessage, index: int = 0) -> dict[str, Any]:
+    """A LangChain message (the `index`-th of a conversation) as a chat-template message."""
+    text = message_text(message, index)
     if isinstance(message, ChatMessage):
-        return chat_message(message.role, message.text)
+        return chat_message(message.role, text)
     if isinstance(message, (HumanMessage, SystemMessage, FunctionMessage)):
-        return chat_message(message.type, message.text)
+        return chat_message(message.type, text)
     if isinstance(message, AIMessage):
         calls = [
             {
@@ -236,13 +289,29 @@ def convert_message(message: BaseMessage) -> dict[str, Any]:
             }
             for c in message.tool_calls
         ]
-        return chat_message("ai", message.text, tool_calls=calls or None)
+        return chat_message("ai", text, tool_calls=calls or None)
     if isinstance(message, ToolMessage):
-        return chat_message("tool", message.text, tool_call_id=message.tool_call_id)
+        return chat_message("tool", text, tool_call_id=message.tool_call_id)
     msg = (
         f"unsupported message type {type(message).__name__}; use system, human, AI or tool messages"
     )
     raise TypeError(msg)
+
+
+def message_text(message: BaseMessage, index: int) -> str:
+    """The text of a message; text blocks are joined, any other block is refused (RequestError)."""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for block in message.content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if isinstance(block, str):
+            parts.append(block)
+        elif kind == "text":
+            parts.append(block.get("text") or "")
+        elif not (isinstance(message, AIMessage) and kind in TOOL_CALL_BLOCKS):
+            raise non_text_content(str(kind or "untyped"), index, message.type)
+    return "".join(parts)
 
 
 def _result(routed: RoutedGeneration, model_name: str, parse_tools: bool) -> ChatResult:

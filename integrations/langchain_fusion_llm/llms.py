@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     BaseRunManager,
+    CallbackManager,
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models import BaseLLM, LanguageModelInput
+from langchain_core.messages import BaseMessage, get_buffer_string
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tracers._streaming import _StreamingCallbackHandler
 
 from fusion_llm.client import RoutedGeneration, iterate_in_thread
-from fusion_llm.engine import StreamChunk
-from fusion_llm.router import RoutingDecision, choose_route
+from fusion_llm.engine import FusionPrompt, StreamChunk
+from fusion_llm.router import RoutingDecision
 
+from .batching import batch_runs
 from .params import FusionFields
+
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class FusedLLM(FusionFields, BaseLLM):
@@ -30,8 +34,9 @@ class FusedLLM(FusionFields, BaseLLM):
     >>> llm = FusedLLM(config_path="fusion.yaml")
     >>> llm.bind(task="math").invoke("Question: 2 + 3 = ?\\nAnswer:")
 
-    `batch` sends all prompts of one route to ONE engine call. See `langchain_fusion_llm.params`
-    for the fields and the routing precedence.
+    `batch` routes each input by its own config and sends all inputs of one expert set to ONE
+    engine call; each input gets its own result or error. See `langchain_fusion_llm.params` for
+    the fields and the routing precedence.
     """
 
     @property
@@ -54,11 +59,12 @@ class FusedLLM(FusionFields, BaseLLM):
     ) -> LLMResult:
         if len(prompts) == 1 and self._streams_to(run_manager):
             return _merged(list(self._stream(prompts[0], stop, run_manager, **kwargs)))
-        route = self._route(kwargs, run_manager)
-        results = self.client.generate(
-            prompts, [route] * len(prompts), **self._overrides(stop, kwargs)
+        results = self._generate_rows(prompts, stop, [run_manager] * len(prompts), **kwargs)
+        usage = {k: sum(r.llm_output["token_usage"][k] for r in results) for k in USAGE_KEYS}
+        return LLMResult(
+            generations=[r.generations[0] for r in results],
+            llm_output={"token_usage": usage, "model_name": self.model_name},
         )
-        return self._result(results)
 
     async def _agenerate(
         self,
@@ -116,19 +122,11 @@ class FusedLLM(FusionFields, BaseLLM):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[str | Exception]:
-        """One engine batch per route: only the first input's tags reach `_generate`."""
-        configs = get_config_list(config, len(inputs))
-        outputs: list[Any] = [None] * len(inputs)
-        for rows in self._rows_by_route(configs):
-            group = super().batch(
-                [inputs[r] for r in rows],
-                [configs[r] for r in rows],
-                return_exceptions=return_exceptions,
-                **kwargs,
+        if len(inputs) < 2 or self._caches():  # one invoke per input keeps the cache per prompt
+            return Runnable.batch(
+                self, inputs, config, return_exceptions=return_exceptions, **kwargs
             )
-            for row, output in zip(rows, group, strict=False):
-                outputs[row] = output
-        return outputs
+        return batch_runs(self, inputs, config, return_exceptions, kwargs)
 
     async def abatch(
         self,
@@ -138,18 +136,17 @@ class FusedLLM(FusionFields, BaseLLM):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[str | Exception]:
-        configs = get_config_list(config, len(inputs))
-        outputs: list[Any] = [None] * len(inputs)
-        for rows in self._rows_by_route(configs):
-            group = await super().abatch(
-                [inputs[r] for r in rows],
-                [configs[r] for r in rows],
-                return_exceptions=return_exceptions,
-                **kwargs,
+        if len(inputs) < 2 or self._caches():
+            return await Runnable.abatch(
+                self, inputs, config, return_exceptions=return_exceptions, **kwargs
             )
-            for row, output in zip(rows, group, strict=False):
-                outputs[row] = output
-        return outputs
+        return await asyncio.to_thread(batch_runs, self, inputs, config, return_exceptions, kwargs)
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of the prompt LangChain writes for the messages (a text model takes no tools)."""
+        return self.client.count_prompt_tokens(FusionPrompt(get_buffer_string(messages)))
 
     # -- helpers ---------------------------------------------------------------------------
     def _start_stream(self, prompt, stop, run_manager, kwargs):
@@ -160,24 +157,46 @@ class FusedLLM(FusionFields, BaseLLM):
         handlers = run_manager.handlers if run_manager else []
         return self.streaming or any(isinstance(h, _StreamingCallbackHandler) for h in handlers)
 
-    def _rows_by_route(self, configs: list[RunnableConfig]) -> list[list[int]]:
-        groups: dict[str, list[int]] = {}
-        for row, config in enumerate(configs):
-            route = choose_route({}, config.get("metadata"), config.get("tags"), self.route)
-            groups.setdefault(repr(route), []).append(row)
-        return list(groups.values())
-
-    def _result(self, results: list[RoutedGeneration]) -> LLMResult:
-        usage = {
-            key: sum(r.usage[key] for r in results)
-            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-        }
-        return LLMResult(
-            generations=[
-                [Generation(text=r.generation.text, generation_info=r.info)] for r in results
-            ],
-            llm_output={"token_usage": usage, "model_name": self.model_name},
+    def _generate_rows(
+        self,
+        prompts: Sequence[str],
+        stop: str | list[str] | None,
+        run_managers: Sequence[CallbackManagerForLLMRun | None],
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[LLMResult | Exception]:
+        """One single-prompt result (or error) per row; one engine batch per expert set."""
+        overrides = self._overrides(stop, kwargs)
+        routed = self._routed_rows(
+            lambda prompt: prompt, prompts, run_managers, overrides, kwargs, return_exceptions
         )
+        return [r if isinstance(r, Exception) else self._row_result(r) for r in routed]
+
+    def _row_result(self, routed: RoutedGeneration) -> LLMResult:
+        return LLMResult(
+            generations=[[Generation(text=routed.generation.text, generation_info=routed.info)]],
+            llm_output={"token_usage": routed.usage, "model_name": self.model_name},
+        )
+
+    def _batch_payload(self, value: LanguageModelInput) -> str:
+        return self._convert_input(value).to_string()
+
+    def _start_batch_run(
+        self,
+        callback_manager: CallbackManager,
+        prompt: str,
+        stop: Any,
+        kwargs: dict[str, Any],
+        **run: Any,
+    ) -> CallbackManagerForLLMRun:
+        params = {**self._dict_for_compat(), "stop": stop}
+        (manager,) = callback_manager.on_llm_start(
+            self._serialized, [prompt], invocation_params=params, **run
+        )
+        return manager
+
+    def _batch_output(self, result: LLMResult) -> tuple[LLMResult, str]:
+        return result, result.generations[0][0].text
 
 
 def _chunk(piece: StreamChunk, decision: RoutingDecision) -> GenerationChunk:
@@ -195,7 +214,5 @@ def _merged(chunks: list[GenerationChunk]) -> LLMResult:
         merged += chunk
     generation = Generation(text=merged.text, generation_info=merged.generation_info)
     info = merged.generation_info or {}
-    usage = {
-        k: info[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in info
-    }
+    usage = {k: info[k] for k in USAGE_KEYS if k in info}
     return LLMResult(generations=[[generation]], llm_output={"token_usage": usage})

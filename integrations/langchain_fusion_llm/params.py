@@ -10,22 +10,37 @@ A route may be "auto" (likelihood-ratio router) or "examples" (nearest example p
 level: the router then picks experts per prompt.
 The LangChain cache key (`_identifying_params` + call keywords) sees levels 1 and 4 only: do not
 combine a cache with metadata- or tag-routing.
+
+Call keywords: the routing ones above, `max_tokens` (alias `max_new_tokens`), `temperature`,
+`top_k`, `top_p`, `seed`, `mode` and `stop` (a bare string is one stop string); any other keyword
+is refused with a typed `RequestError` (a typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from langchain_core.globals import get_llm_cache
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from typing_extensions import Self
 
-from fusion_llm import FusionConfig, FusionEngine
-from fusion_llm.client import FusionClient, shared_engine
-from fusion_llm.router import Route, Source, choose_route
+from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
+from fusion_llm.client import (
+    FusionClient,
+    RoutedGeneration,
+    adapter_engine,
+    check_keywords,
+    shared_engine,
+    stop_strings,
+)
+from fusion_llm.router import CALL_KEYWORDS, Route, Source, choose_route
 
 PROVIDER = "fusion_llm"
+SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
+CALL_KEYWORD_NAMES = (*CALL_KEYWORDS, *SAMPLING_KEYWORDS, "max_tokens", "max_new_tokens", "stop")
 
 
 class FusionFields(BaseModel):
@@ -49,8 +64,10 @@ class FusionFields(BaseModel):
     """Where merged experts are written under compose="weights" (None: the temp directory)."""
     mode: str | None = None
     """Fusion mode: "dynamic", "paper", "static" or "none" (None: the engine config's)."""
-    max_tokens: int | None = None
-    """Maximum number of new tokens (None: the engine config's `max_new_tokens`)."""
+    max_tokens: int | None = Field(
+        default=None, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
+    )
+    """Maximum number of new tokens, also accepted as `max_new_tokens` (None: the engine config's)."""
     temperature: float | None = None
     """Sampling temperature; 0 is greedy (None: the engine config's)."""
     top_k: int | None = None
@@ -60,9 +77,25 @@ class FusionFields(BaseModel):
     seed: int | None = None
     """Sampler seed; same seed, same output (None: the engine config's)."""
     stop: list[str] | None = None
-    """Stop strings, cut from the output; call-time `stop` is added to these."""
+    """Stop strings (a bare string is one), cut from the output; call-time `stop` is added."""
     streaming: bool = False
     """Stream tokens to callbacks during `invoke` as well."""
+
+    # Call keywords this model takes besides CALL_KEYWORD_NAMES (e.g. bound tools).
+    extra_call_keywords: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **fields: Any) -> None:
+        # The engine is attached before pydantic runs: it would wrap a ConfigError in its own error.
+        config_path = fields.get("config_path")
+        if isinstance(config_path, Path):
+            fields["config_path"] = str(config_path)
+        fields["engine"] = adapter_engine(fields.get("engine"), fields.get("config_path"))
+        super().__init__(**fields)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
 
     @classmethod
     def from_engine(cls, engine: FusionEngine, **fields: Any) -> Self:
@@ -75,15 +108,6 @@ class FusionFields(BaseModel):
         path = str(config) if isinstance(config, (str, Path)) else None
         return cls(engine=shared_engine(config), config_path=path, **fields)
 
-    @model_validator(mode="after")
-    def _attach_engine(self) -> FusionFields:
-        if self.engine is None:
-            if self.config_path is None:
-                msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
-                raise ValueError(msg)
-            self.engine = shared_engine(self.config_path)
-        return self
-
     @property
     def client(self) -> FusionClient:
         return FusionClient(
@@ -94,26 +118,69 @@ class FusionFields(BaseModel):
     def model_name(self) -> str:
         return self.engine.config.large.path
 
-    def _overrides(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def get_token_ids(self, text: str) -> list[int]:
+        """`text` in the fused models' tokenizer, without special tokens (offline, no GPT-2).
+
+        LangChain's text splitters, memory and message trimming count tokens through this.
+        """
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _overrides(
+        self, stop: str | list[str] | None, kwargs: dict[str, Any], chat_stops: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """Engine keywords of one call: fields, then call keywords (routing keywords removed)."""
-        stops = [*(self.stop or []), *(stop or []), *(kwargs.get("stop") or [])]
+        check_keywords(kwargs, {*CALL_KEYWORD_NAMES, *self.extra_call_keywords})
+        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
         params = {
-            "mode": self.mode,
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": list(dict.fromkeys(stops)) or None,
+            **{key: getattr(self, key) for key in SAMPLING_KEYWORDS},
+            **{key: kwargs[key] for key in SAMPLING_KEYWORDS if key in kwargs},
+            "max_new_tokens": max_tokens,
+            "stop": stop_strings(self.stop, stop, kwargs.get("stop"), chat_stops),
         }
-        if "max_tokens" in kwargs:
-            params["max_new_tokens"] = kwargs["max_tokens"]
-        params.update(
-            (k, v)
-            for k, v in kwargs.items()
-            if k in {"mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
-        )
         return {k: v for k, v in params.items() if v is not None}
+
+    def _routed_rows(
+        self,
+        prompt_of: Callable[[Any], str | FusionPrompt],
+        payloads: Sequence[Any],
+        run_managers: Sequence[CallbackManagerForLLMRun | None],
+        overrides: dict[str, Any],
+        kwargs: dict[str, Any],
+        return_exceptions: bool,
+    ) -> list[RoutedGeneration | Exception]:
+        """Each row's prompt and route (from its own run), then one engine call per expert set.
+
+        With `return_exceptions` a row whose prompt, route or generation fails gets its own error.
+        """
+        prepared: list[tuple[str | FusionPrompt, tuple[Route, Source]] | Exception] = []
+        for payload, manager in zip(payloads, run_managers, strict=True):
+            try:
+                prepared.append((prompt_of(payload), self._route(kwargs, manager)))
+            except Exception as err:
+                if not return_exceptions:
+                    raise
+                prepared.append(err)
+        ready = [row for row, item in enumerate(prepared) if not isinstance(item, Exception)]
+        routed = (
+            self.client.generate(
+                [prepared[row][0] for row in ready],  # type: ignore[index]
+                [prepared[row][1] for row in ready],  # type: ignore[index]
+                return_exceptions=return_exceptions,
+                **overrides,
+            )
+            if ready
+            else []
+        )
+        results: list[Any] = list(prepared)
+        for row, outcome in zip(ready, routed, strict=True):
+            results[row] = outcome
+        return results
+
+    def _caches(self) -> bool:
+        """Whether calls go through a LangChain cache (then `batch` invokes each input alone)."""
+        return self.cache is not False and (self.cache is not None or get_llm_cache() is not None)
 
     def _route(
         self, kwargs: dict[str, Any], run_manager: CallbackManagerForLLMRun | None
@@ -149,7 +216,9 @@ class FusionFields(BaseModel):
             "ls_provider": PROVIDER,
             "ls_model_name": kwargs.get("model", self.model_name),
             "ls_temperature": kwargs.get("temperature", self.temperature),
-            "ls_max_tokens": kwargs.get("max_tokens", self.max_tokens),
-            "ls_stop": stop or self.stop,
+            "ls_max_tokens": kwargs.get(
+                "max_tokens", kwargs.get("max_new_tokens", self.max_tokens)
+            ),
+            "ls_stop": stop_strings(self.stop, stop),
         }
         return {k: v for k, v in params.items() if v is not None}

@@ -6,6 +6,10 @@ Routing for one call (first present wins, see `fusion_llm.router`):
        (the way to route through a query engine, which passes no keywords to the LLM);
     3. the `route` field: "all" (default), "none", "auto", "examples" or task names.
 
+Call keywords: the routing ones above, `max_new_tokens` (alias `max_tokens`), `temperature`,
+`top_k`, `top_p`, `seed`, `mode` and `stop` (a bare string is one stop string); any other keyword
+is refused with a typed `RequestError`. Chat replies stop at the end of the assistant turn.
+
 For RAG, let LlamaIndex count tokens as the model does: `Settings.tokenizer = llm.engine.tokenizer.encode`.
 """
 
@@ -26,20 +30,31 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
 )
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.instrumentation.dispatcher import active_instrument_tags
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 
 from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
-from fusion_llm.chat import chat_message
-from fusion_llm.client import FusionClient, RoutedGeneration, iterate_in_thread, shared_engine
+from fusion_llm.chat import chat_message, no_messages, non_text_content
+from fusion_llm.client import (
+    FusionClient,
+    RoutedGeneration,
+    adapter_engine,
+    check_keywords,
+    iterate_in_thread,
+    shared_engine,
+    stop_strings,
+)
 from fusion_llm.engine import StreamChunk
-from fusion_llm.router import Route, RoutingDecision, Source, choose_route
+from fusion_llm.errors import ConfigError
+from fusion_llm.router import CALL_KEYWORDS, Route, RoutingDecision, Source, choose_route
 
-ENGINE_KEYWORDS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
+CALL_KEYWORD_NAMES = (*CALL_KEYWORDS, *SAMPLING_KEYWORDS, "max_new_tokens", "max_tokens", "stop")
 
 
 class FusedLLM(CustomLLM):
@@ -65,8 +80,11 @@ class FusedLLM(CustomLLM):
     """Where merged experts are written under compose="weights" (None: the temp directory)."""
     mode: str | None = None
     """Fusion mode: "dynamic", "paper", "static" or "none" (None: the engine config's)."""
-    max_new_tokens: int | None = None
-    """Maximum number of new tokens, also `metadata.num_output` (None: the engine config's)."""
+    max_new_tokens: int | None = Field(
+        default=None, validation_alias=AliasChoices("max_new_tokens", "max_tokens")
+    )
+    """Maximum number of new tokens (alias `max_tokens`), also `metadata.num_output` (None: the
+    engine config's)."""
     temperature: float | None = None
     """Sampling temperature; 0 is greedy (None: the engine config's)."""
     top_k: int | None = None
@@ -76,18 +94,22 @@ class FusedLLM(CustomLLM):
     seed: int | None = None
     """Sampler seed; same seed, same output (None: the engine config's)."""
     stop: list[str] | None = None
-    """Stop strings, cut from the output."""
+    """Stop strings (a bare string is one), cut from the output; call-time `stop` is added."""
     context_window: int | None = None
-    """Context window reported to LlamaIndex (None: the large model's)."""
+    """Context window reported to LlamaIndex (None: the engine's, less the chat template's)."""
 
-    @model_validator(mode="after")
-    def _attach_engine(self) -> FusedLLM:
-        if self.engine is None:
-            if self.config_path is None:
-                msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
-                raise ValueError(msg)
-            self.engine = shared_engine(self.config_path)
-        return self
+    def __init__(self, **fields: Any) -> None:
+        # The engine is attached before pydantic runs: it would wrap a ConfigError in its own error.
+        config_path = fields.get("config_path")
+        if isinstance(config_path, Path):
+            fields["config_path"] = str(config_path)
+        fields["engine"] = adapter_engine(fields.get("engine"), fields.get("config_path"))
+        super().__init__(**fields)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
 
     @classmethod
     def from_engine(cls, engine: FusionEngine, **fields: Any) -> FusedLLM:
@@ -108,7 +130,14 @@ class FusedLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """`context_window` leaves room for the chat template, which LlamaIndex does not count."""
+        """`context_window` (the engine's: the smallest window of the models that read a prompt)
+        leaves room for the chat template, which LlamaIndex does not count; `num_output` is the
+        `max_new_tokens` every call uses.
+
+        LlamaIndex's compact/refine synthesizers (the query engine default) reserve 500 tokens
+        on top of their prompt template (about 110) and `num_output`: for a smaller window pass
+        `response_mode="simple_summarize"` or `"tree_summarize"` to `as_query_engine`.
+        """
         engine = self._engine()
         window = self.context_window or (
             (engine.context_window or DEFAULT_CONTEXT_WINDOW)
@@ -163,16 +192,17 @@ class FusedLLM(CustomLLM):
     # -- chat (each model's chat template) ---------------------------------------------------
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _chat_response(self._complete(self._chat_prompt(messages), kwargs))
+        return _chat_response(self._complete(self._chat_prompt(messages), kwargs, chat=True))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        decision, pieces = self._start_stream(self._chat_prompt(messages), kwargs)
+        decision, pieces = self._start_stream(self._chat_prompt(messages), kwargs, chat=True)
         return (_chat_response(c) for c in _completions(decision, pieces))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        completion = await asyncio.to_thread(self._complete, self._chat_prompt(messages), kwargs)
+        prompt = self._chat_prompt(messages)
+        completion = await asyncio.to_thread(self._complete, prompt, kwargs, True)
         return _chat_response(completion)
 
     @llm_chat_callback()
@@ -180,7 +210,7 @@ class FusedLLM(CustomLLM):
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         prompt = self._chat_prompt(messages)
-        decision, pieces = await asyncio.to_thread(self._start_stream, prompt, kwargs)
+        decision, pieces = await asyncio.to_thread(self._start_stream, prompt, kwargs, True)
 
         async def responses() -> ChatResponseAsyncGen:
             text = ""
@@ -198,29 +228,42 @@ class FusedLLM(CustomLLM):
         return FusionPrompt(prompt if formatted else self.completion_to_prompt(prompt))
 
     def _chat_prompt(self, messages: Sequence[ChatMessage]) -> FusionPrompt:
+        if not messages:
+            raise no_messages()
+        turns = [chat_message(_role(m), _text(m, i)) for i, m in enumerate(messages)]
         if not self._engine().has_chat_template():
             return FusionPrompt(self.messages_to_prompt(messages))
-        turns = [chat_message(_role(m), m.content or "") for m in messages]
         return self._client().chat_prompt(turns)
 
-    def _complete(self, prompt: FusionPrompt, kwargs: dict[str, Any]) -> CompletionResponse:
-        (routed,) = self._client().generate(
-            [prompt], [self._route(kwargs)], **self._overrides(kwargs)
-        )
+    def _complete(
+        self, prompt: FusionPrompt, kwargs: dict[str, Any], chat: bool = False
+    ) -> CompletionResponse:
+        client = self._client()
+        overrides = self._overrides(kwargs, client.chat_stops() if chat else [])
+        (routed,) = client.generate([prompt], [self._route(kwargs)], **overrides)
         return CompletionResponse(text=routed.generation.text, raw=_info(routed))
 
     def _start_stream(
-        self, prompt: FusionPrompt, kwargs: dict[str, Any]
+        self, prompt: FusionPrompt, kwargs: dict[str, Any], chat: bool = False
     ) -> tuple[RoutingDecision, Iterator[StreamChunk]]:
+        client = self._client()
+        overrides = self._overrides(kwargs, client.chat_stops() if chat else [])
         route, source = self._route(kwargs)
-        return self._client().stream(prompt, route, source, **self._overrides(kwargs))
+        return client.stream(prompt, route, source, **overrides)
 
     def _route(self, kwargs: dict[str, Any]) -> tuple[Route, Source]:
         return choose_route(kwargs, active_instrument_tags.get(), None, self.route)
 
-    def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        params = {key: getattr(self, key) for key in ENGINE_KEYWORDS}
-        params.update((k, v) for k, v in kwargs.items() if k in ENGINE_KEYWORDS)
+    def _overrides(self, kwargs: dict[str, Any], chat_stops: Sequence[str]) -> dict[str, Any]:
+        """Engine keywords of one call: fields, then call keywords (routing keywords removed)."""
+        check_keywords(kwargs, CALL_KEYWORD_NAMES)
+        max_new_tokens = kwargs.get("max_new_tokens", kwargs.get("max_tokens"))
+        params = {
+            **{key: getattr(self, key) for key in SAMPLING_KEYWORDS},
+            **{key: kwargs[key] for key in SAMPLING_KEYWORDS if key in kwargs},
+            "max_new_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "stop": stop_strings(self.stop, kwargs.get("stop"), chat_stops),
+        }
         return {k: v for k, v in params.items() if v is not None}
 
     def _client(self) -> FusionClient:
@@ -231,12 +274,21 @@ class FusedLLM(CustomLLM):
     def _engine(self) -> FusionEngine:
         if self.engine is None:
             msg = "this FusedLLM has no engine (unpickled without a config_path); pass engine= or config_path="
-            raise ValueError(msg)
+            raise ConfigError(msg)
         return self.engine
 
 
 def _role(message: ChatMessage) -> str:
     return message.role.value if isinstance(message.role, MessageRole) else str(message.role)
+
+
+def _text(message: ChatMessage, index: int) -> str:
+    """The text of a message; text blocks are joined, any other block is refused (RequestError)."""
+    for block in message.blocks:
+        if not isinstance(block, TextBlock):
+            kind = getattr(block, "block_type", type(block).__name__)
+            raise non_text_content(str(kind), index, _role(message))
+    return message.content or ""
 
 
 def _info(routed: RoutedGeneration) -> dict[str, Any]:
