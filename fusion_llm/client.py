@@ -197,7 +197,8 @@ class FusionClient:
         return_exceptions: bool = False,
         **overrides: Any,
     ) -> list[RoutedGeneration | Exception]:
-        """Route each prompt (`routes[i]` = (route, source)), then one engine call per expert set.
+        """Route each prompt (`routes[i]` = (route, source)), then ONE engine call with each row's
+        own experts (under compose="weights"/"both", one call per merged engine).
 
         With `return_exceptions`, a row that fails gets its own exception in its place and every
         other row its own generation: a group that raises is rerun row by row (concurrently, so the
@@ -206,27 +207,33 @@ class FusionClient:
         batch = [p if isinstance(p, FusionPrompt) else FusionPrompt(p) for p in prompts]
         results: list[RoutedGeneration | Exception | None] = [None] * len(batch)
         decisions = self._decide(batch, routes, return_exceptions)
-        groups: dict[tuple[str, ...], list[int]] = {}
+        groups: dict[int, tuple[FusionEngine, list[int], list[list[str]]]] = {}
         for row, decision in enumerate(decisions):
             if isinstance(decision, Exception):
                 results[row] = decision
-            else:
-                groups.setdefault(tuple(decision.experts), []).append(row)
+                continue
+            engine, names = self._runner(decision.experts)
+            _, rows, experts = groups.setdefault(id(engine), (engine, [], []))
+            rows.append(row)
+            experts.append(names)
 
-        def run(experts: tuple[str, ...], rows: list[int]) -> list[Generation]:
-            engine, names = self._runner(list(experts))
+        def run(
+            engine: FusionEngine, rows: list[int], experts: list[list[str]]
+        ) -> list[Generation]:
             prompts = [_renderings_for(engine, batch[r]) for r in rows]
-            return engine.generate(prompts, experts=names, **overrides)
+            return engine.generate(prompts, experts=experts, **overrides)
 
-        # The groups are submitted together, so the engine can decode concurrent calls as one batch.
-        calls = list(groups.items())
-        for (experts, rows), outcome in zip(calls, _concurrently(run, calls), strict=True):
+        # Engines run concurrently; each decodes all of its rows in one batch.
+        calls = list(groups.values())
+        for (engine, rows, experts), outcome in zip(calls, _concurrently(run, calls), strict=True):
             if isinstance(outcome, Exception):
                 if not return_exceptions:
                     raise outcome
                 # Find the rows at fault: each row alone gets its own generation or error.
                 alone = (
-                    _concurrently(run, [(experts, [row]) for row in rows])
+                    _concurrently(
+                        run, [(engine, [r], [e]) for r, e in zip(rows, experts, strict=True)]
+                    )
                     if len(rows) > 1
                     else [outcome]
                 )

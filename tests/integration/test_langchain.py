@@ -24,14 +24,16 @@ pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
 
 
 class CountingEngine(FusionEngine):
-    """A real engine that records the batch size of each `generate` call."""
+    """A real engine that records the batch size and experts of each `generate` call."""
 
     def __init__(self, config: Any):
         super().__init__(config)
         self.batch_sizes: list[int] = []
+        self.experts: list[object] = []
 
     def generate(self, prompts, **kwargs):
         self.batch_sizes.append(len(prompts) if isinstance(prompts, list) else 1)
+        self.experts.append(kwargs.get("experts"))
         return super().generate(prompts, **kwargs)
 
 
@@ -92,11 +94,11 @@ def test_llm_generate_batches_all_prompts_in_one_engine_call(tiny_config: str) -
     )
 
 
-def test_chat_batch_is_one_engine_call_per_expert_set(tiny_config: str) -> None:
+def test_chat_batch_is_one_engine_call_with_each_inputs_experts(tiny_config: str) -> None:
     engine = CountingEngine(tiny_config)
     chat = ChatFusedLLM.from_engine(engine)
     messages = chat.batch(["a", "b", "c"], [{}, {"tags": ["task:full"]}, {}])
-    assert sorted(engine.batch_sizes) == [1, 2]
+    assert engine.batch_sizes == [3]
     assert [routing(m)["experts"] for m in messages] == [
         ["full", "lora_a", "lora_b"],
         ["full"],
@@ -104,12 +106,13 @@ def test_chat_batch_is_one_engine_call_per_expert_set(tiny_config: str) -> None:
     ]
 
 
-def test_llm_batch_routes_each_group_by_its_own_tags(tiny_config: str) -> None:
+def test_llm_batch_routes_each_input_by_its_own_tags_in_one_engine_call(tiny_config: str) -> None:
     engine = CountingEngine(tiny_config)
     llm = FusedLLM.from_engine(engine)
     result = llm.batch(["a", "b", "c"], [{"tags": ["task:full"]}, {}, {"tags": ["task:full"]}])
     assert len(result) == 3
-    assert sorted(engine.batch_sizes) == [1, 2]
+    assert engine.batch_sizes == [3]
+    assert engine.experts == [[["full"], ["full", "lora_a", "lora_b"], ["full"]]]
 
 
 # -- streaming ----------------------------------------------------------------------------------
