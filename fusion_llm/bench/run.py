@@ -298,6 +298,67 @@ def concurrency_check(
     }
 
 
+def scheduling_check(engine: FusionEngine, prompts: list[str], names, device: str) -> dict:
+    """Continuous batching: a short call joining a long batch, sampled calls sharing steps, and
+    what a stop string costs. Each comparison is interleaved and its median kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(prompt: str, **kwargs) -> list[int]:
+        kwargs = {"experts": names, "ignore_eos": True, **kwargs}
+        return engine.generate(prompt, **kwargs)[0].token_ids
+
+    def joining() -> float:
+        """Time to completion of a 4-token call submitted while an 8-row 128-token batch runs."""
+        started = threading.Event()
+
+        def long_batch() -> None:
+            for _ in engine.stream(prompts[:8], experts=names, max_new_tokens=128, ignore_eos=True):
+                started.set()
+
+        runner = threading.Thread(target=long_batch)
+        runner.start()
+        started.wait()
+        seconds = timed(lambda: call(prompts[8], max_new_tokens=4), device)
+        runner.join()
+        return seconds
+
+    sampled = [dict(temperature=0.8, seed=s, max_new_tokens=16) for s in range(32)]
+    outputs: dict[str, list] = {}
+
+    def sequential() -> None:
+        outputs["sequential"] = [
+            call(prompts[i % len(prompts)], **kw) for i, kw in enumerate(sampled)
+        ]
+
+    def concurrent() -> None:
+        with ThreadPoolExecutor(len(sampled)) as pool:
+            outputs["concurrent"] = list(
+                pool.map(
+                    lambda i: call(prompts[i % len(prompts)], **sampled[i]), range(len(sampled))
+                )
+            )
+
+    medians = interleaved(
+        {
+            "4-token call alone": lambda: timed(lambda: call(prompts[8], max_new_tokens=4), device),
+            "4-token call joining a 128-token batch": joining,
+            "32 sampled calls one by one": lambda: timed(sequential, device),
+            "32 sampled calls at once": lambda: timed(concurrent, device),
+            "4-token call without stop": lambda: timed(
+                lambda: call(prompts[9], max_new_tokens=4), device
+            ),
+            "4-token call with a stop string": lambda: timed(
+                lambda: call(prompts[9], max_new_tokens=4, stop=["w7 w8 w9"]), device
+            ),
+        },
+        repeats=3,
+    )
+    return {
+        **{f"{name} s": seconds for name, seconds in medians.items()},
+        "sampled outputs equal their alone-outputs": outputs["concurrent"] == outputs["sequential"],
+    }
+
+
 # -- 6. memory -----------------------------------------------------------------------------------
 def memory_check(engine: FusionEngine, prompts, names, new_tokens, device) -> dict:
     models = engine.models
@@ -441,6 +502,8 @@ def bench_shape(shape, sizes, settings: BenchSettings, root: str, log) -> dict:
         engine, prompts_for(32)[:32], names[:1], new_tokens, device
     )
     log(f"{shape.name}: concurrency done")
+    out["scheduling"] = scheduling_check(engine, prompts_for(10), names[:1], device)
+    log(f"{shape.name}: scheduling done")
     out["memory"] = memory_check(engine, prompts_for(b_max), names, new_tokens, device)
     out["targets"] = targets(out, k_max, b_min, b_max)
     return out
@@ -471,6 +534,29 @@ def targets(out: dict, k_max: int, b_min: int, b_max: int) -> dict[str, dict]:
         result[f"6. concurrent / sequential throughput, 32 calls ({way})"] = _against(
             out["concurrency"][f"{way} speed-up"], ">= 4"
         )
+    scheduling = out.get("scheduling")
+    if scheduling:
+        result["7. 4-token call joining a 128-token batch / alone"] = _against(
+            scheduling["4-token call joining a 128-token batch s"]
+            / scheduling["4-token call alone s"],
+            "<= 2",
+        )
+        result["8. 32 sampled calls at once / one by one, throughput"] = _against(
+            scheduling["32 sampled calls one by one s"] / scheduling["32 sampled calls at once s"],
+            ">= 4",
+        )
+        result["9. a stop string's extra time per call"] = _against(
+            scheduling["4-token call with a stop string s"]
+            / scheduling["4-token call without stop s"]
+            - 1,
+            "<= 0.05",
+        )
+    for kind in ("lora", "full"):
+        parts = out["parts ms"].get(f"{kind}|k{k_max}|b{b_max}")
+        if parts:
+            result[f"10. dynamic solve / paper solve ({kind}, k{k_max}, b{b_max})"] = _against(
+                parts["solve dynamic"] / parts["solve paper"], "<= 0.334"
+            )
     for key, row in out["baselines ms"].items():
         result[f"4. engine none / hf generate ({key})"] = _against(
             row["engine none"] / row["hf generate (large alone)"], "<= 1.1"

@@ -24,6 +24,8 @@ def test_bench_runs_every_section_and_writes_json_and_markdown(tmp_path, capsys)
     assert toy["memory"]["weights MB"] > 0 and toy["memory"]["kv MB"] > 0
     assert any(k.startswith("5. proxy loop") for k in toy["targets"])
     assert toy["concurrency"]["identical outputs"] is True and toy["concurrency"]["calls"] == 32
+    assert toy["scheduling"]["sampled outputs equal their alone-outputs"] is True
+    assert {k.split(".")[0] for k in toy["targets"]} >= {"7", "8", "9", "10"}
     assert {r["vocab"] for r in results["solver"]} == {300}
     assert (
         "## Shape `toy`" in (tmp_path / "bench.md").read_text()
