@@ -16,6 +16,7 @@ For RAG, let LlamaIndex count tokens as the model does: `Settings.tokenizer = ll
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.instrumentation.dispatcher import active_instrument_tags
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDING_SIZE
 from pydantic import AliasChoices, BaseModel, Field, field_validator
 
 from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
@@ -54,6 +56,7 @@ from fusion_llm.errors import ConfigError
 from fusion_llm.router import CALL_KEYWORDS, Route, RoutingDecision, Source, choose_route
 
 SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
+QA_TEMPLATE_TOKENS = 128  # LlamaIndex's default QA / refine templates, generously counted
 CALL_KEYWORD_NAMES = (*CALL_KEYWORDS, *SAMPLING_KEYWORDS, "max_new_tokens", "max_tokens", "stop")
 
 
@@ -136,16 +139,26 @@ class FusedLLM(CustomLLM):
 
         LlamaIndex's compact/refine synthesizers (the query engine default) reserve 500 tokens
         on top of their prompt template (about 110) and `num_output`: for a smaller window pass
-        `response_mode="simple_summarize"` or `"tree_summarize"` to `as_query_engine`.
+        `response_mode="simple_summarize"` or `"tree_summarize"` to `as_query_engine` (a warning
+        says so when the window is that small).
         """
         engine = self._engine()
         window = self.context_window or (
             (engine.context_window or DEFAULT_CONTEXT_WINDOW)
             - self._client().chat_overhead_tokens()
         )
+        num_output = self.max_new_tokens or engine.config.generation.max_new_tokens
+        if window - num_output < DEFAULT_RESPONSE_PADDING_SIZE + QA_TEMPLATE_TOKENS:
+            warnings.warn(
+                f"the fused models read {window} tokens: LlamaIndex's default compact/refine "
+                f"synthesizers need about {DEFAULT_RESPONSE_PADDING_SIZE + QA_TEMPLATE_TOKENS} "
+                f"beyond num_output ({num_output}) and fail with 'Chunk size ... is not positive'; "
+                'use as_query_engine(response_mode="simple_summarize") or "tree_summarize"',
+                stacklevel=2,
+            )
         return LLMMetadata(
             context_window=window,
-            num_output=self.max_new_tokens or engine.config.generation.max_new_tokens,
+            num_output=num_output,
             is_chat_model=engine.has_chat_template(),
             model_name=engine.config.large.path,
         )
