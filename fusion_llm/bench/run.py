@@ -298,7 +298,9 @@ def concurrency_check(
     }
 
 
-def scheduling_check(engine: FusionEngine, prompts: list[str], names, device: str) -> dict:
+def scheduling_check(
+    engine: FusionEngine, prompts: list[str], names, new_tokens: int, device: str, repeats: int
+) -> dict:
     """Continuous batching: a short call joining a long batch, sampled calls sharing steps, and
     what a stop string costs. Each comparison is interleaved and its median kept."""
     from concurrent.futures import ThreadPoolExecutor
@@ -308,11 +310,11 @@ def scheduling_check(engine: FusionEngine, prompts: list[str], names, device: st
         return engine.generate(prompt, **kwargs)[0].token_ids
 
     def joining() -> float:
-        """Time to completion of a 4-token call submitted while an 8-row 128-token batch runs."""
+        """Time to completion of a 4-token call submitted while a 4-row 128-token batch runs."""
         started = threading.Event()
 
         def long_batch() -> None:
-            for _ in engine.stream(prompts[:8], experts=names, max_new_tokens=128, ignore_eos=True):
+            for _ in engine.stream(prompts[:4], experts=names, max_new_tokens=128, ignore_eos=True):
                 started.set()
 
         runner = threading.Thread(target=long_batch)
@@ -322,7 +324,7 @@ def scheduling_check(engine: FusionEngine, prompts: list[str], names, device: st
         runner.join()
         return seconds
 
-    sampled = [dict(temperature=0.8, seed=s, max_new_tokens=16) for s in range(32)]
+    sampled = [dict(temperature=0.8, seed=s, max_new_tokens=new_tokens) for s in range(32)]
     outputs: dict[str, list] = {}
 
     def sequential() -> None:
@@ -351,7 +353,7 @@ def scheduling_check(engine: FusionEngine, prompts: list[str], names, device: st
                 lambda: call(prompts[9], max_new_tokens=4, stop=["w7 w8 w9"]), device
             ),
         },
-        repeats=3,
+        repeats=repeats,
     )
     return {
         **{f"{name} s": seconds for name, seconds in medians.items()},
@@ -502,7 +504,9 @@ def bench_shape(shape, sizes, settings: BenchSettings, root: str, log) -> dict:
         engine, prompts_for(32)[:32], names[:1], new_tokens, device
     )
     log(f"{shape.name}: concurrency done")
-    out["scheduling"] = scheduling_check(engine, prompts_for(10), names[:1], device)
+    out["scheduling"] = scheduling_check(
+        engine, prompts_for(10), names[:1], new_tokens, device, repeats
+    )
     log(f"{shape.name}: scheduling done")
     out["memory"] = memory_check(engine, prompts_for(b_max), names, new_tokens, device)
     out["targets"] = targets(out, k_max, b_min, b_max)
