@@ -112,8 +112,8 @@ def paper_alpha(large_logp: Tensor, shifts: ExpertShifts, active: Tensor, grid: 
     batch, experts = active.shape
     centred = _centre(large_logp, shifts.deltas)
     losses = []
-    for a in grid.tolist():
-        forward, reverse = _axis_kls(large_logp, centred, torch.full_like(shifts.forward_kl, a))
+    for a in grid:  # 0-dim tensors: no host read of the grid
+        forward, reverse = _axis_kls(large_logp, centred, a.expand_as(shifts.forward_kl))
         loss = _summed_loss(forward, reverse, shifts, active)  # [B, T]
         losses.append(torch.where(active, loss, torch.inf))
     losses = torch.stack(losses, dim=-1)  # [B, T, n]
@@ -133,27 +133,32 @@ def dynamic_alpha(
     grid_step: float = 0.1,
     newton_steps: int = 3,
     joint_steps: int = 3,
+    bins: int = 2048,
 ) -> Tensor:
     """Continuous minimiser of L over [alpha_min, alpha_max]^T, joint over the active experts.
 
     L = n * [(KL(P~||P) - mean f)^2 + (KL(P||P~) - mean r)^2] + const, so the solver matches the
-    experts' mean forward and reverse shift. Three stages, vectorised over rows and experts:
-      1. scan every single-expert axis on the grid (the paper's candidates): L is not unimodal in
+    experts' mean forward and reverse shift. With c_t = d_t - E_P[d_t], along an expert axis
+    K(a) = log E_P[exp(a c_t)], KL(P~||P) = a K'(a) - K(a) and KL(P||P~) = K(a) depend only on
+    P's distribution of c_t, which one pass over V compresses into `bins` bins (`AxisMeasure`).
+    Three stages, vectorised over rows and experts, with fixed iteration counts (no host sync):
+      1. every axis on the grid (the paper's candidates), on the bins: L is not unimodal in
          general (the curve (KL(P~||P), KL(P||P~)) can pass the target twice), so the scan is what
-         makes the result never worse than the paper's;
-      2. safeguarded (Gauss-)Newton with analytic derivatives inside the best grid cell of each axis;
-      3. from the best axis point, Levenberg-Marquardt steps on the two residuals in R^T, each
-         accepted only if it lowers L (several experts can match both targets at once).
+         makes the result never worse than the paper's, up to the bins' Taylor remainder (when
+         alpha_min <= 0, so that the paper's candidates a * e_t lie in the box);
+      2. safeguarded (Gauss-)Newton with analytic derivatives inside the best grid cell of each axis,
+         on the bins;
+      3. from the best axis point, Levenberg-Marquardt steps on the two residuals in R^T over the
+         full vocabulary, each accepted only if it lowers the exact L.
     """
     mean_forward, mean_reverse = _active_means(shifts, active)
-    centred = _centre(large_logp, shifts.deltas)
+    measure, shift_mean = _axis_measure(large_logp, shifts.deltas, bins)
     grid = alpha_grid(alpha_min, alpha_max, grid_step, device=large_logp.device)
-    axis_alpha, axis_loss = _best_axis(
-        large_logp, centred, active, mean_forward, mean_reverse, grid, newton_steps
-    )
+    targets = (mean_forward[:, None, None], mean_reverse[:, None, None])
+    axis_alpha = _best_axis(measure, active, targets, grid, newton_steps)
     alpha = _joint_refine(
-        large_logp, centred, active, mean_forward, mean_reverse,
-        axis_alpha, axis_loss, alpha_min, alpha_max, joint_steps,
+        large_logp, shifts.deltas, shift_mean, active, mean_forward, mean_reverse,
+        axis_alpha, alpha_min, alpha_max, joint_steps,
     )  # fmt: skip
     return torch.nan_to_num(alpha, nan=0.0).clamp(alpha_min, alpha_max) * active
 
@@ -192,115 +197,131 @@ def _axis_kls(large_logp: Tensor, centred: Tensor, a: Tensor) -> tuple[Tensor, T
     return a * mean - cgf, cgf
 
 
-def _axis_terms(
-    large_logp: Tensor,
-    centred: Tensor,
-    centred_sq: Tensor,
-    a: Tensor,
-    mean_forward: Tensor,
-    mean_reverse: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """h, h' and the Gauss-Newton h'' at alpha = a_t * e_t for every expert t ([B, T] each).
+class AxisMeasure(NamedTuple):
+    """P's distribution of every axis's centred shift c_t, as J bins (or the V tokens themselves).
 
-    With K1 = K'(a) = E_P~[d], K2 = K''(a) = Var_P~(d), x = KL(P~||P) = a K1 - K, y = KL(P||P~) = K,
-    x' = a K2, y' = K1 and h = (x - mean f)^2 + (y - mean r)^2:
+    Bin j holds the ids v with c_v in [m_j - w/2, m_j + w/2): mass M_j = sum_{v in j} P_v and
+    moments mu_jn = sum_{v in j} P_v (c_v - m_j)^n / M_j (n = 1, 2, 3). Taylor in c_v - m_j gives
+        E_P[exp(a c)] = sum_j M_j exp(a m_j) p_j(a),   p_j(a) = 1 + mu_j1 a + mu_j2 a^2/2 + mu_j3 a^3/6,
+    up to a relative error <= (|a| w/2)^4 / 24 * exp(|a| w/2): 3e-8 at |a| = 2, w = 60 / 2048.
+    """
+
+    centre: Tensor  # [B, T, J] m_j
+    log_mass: Tensor  # [B, T, J] log M_j (-inf: empty bin)
+    taylor: Tensor  # [B, T, J, 3] the coefficients of p_j: mu_j1, mu_j2 / 2, mu_j3 / 6
+
+
+def _axis_measure(large_logp: Tensor, deltas: Tensor, bins: int) -> tuple[AxisMeasure, Tensor]:
+    """The measure of c_t and E_P[d_t] ([B, T]): the tokens themselves when V <= bins (exact),
+    else `bins` bins per axis (one pass over V), where E_P[d] = sum_j M_j (m_j + mu_j1)."""
+    if deltas.shape[-1] <= bins:
+        shift_mean = torch.einsum("bv,btv->bt", large_logp.exp(), deltas)
+        centre = deltas - shift_mean[..., None]
+        log_mass = large_logp[:, None, :].expand_as(centre)
+        return AxisMeasure(centre, log_mass, centre.new_zeros(*centre.shape, 3)), shift_mean
+    mass = large_logp.double().exp_()  # [B, V] P in float64: no underflow above e^-745
+    per_axis = [_binned_axis(mass, deltas[:, t], bins) for t in range(deltas.shape[1])]
+    centre, log_mass, taylor = (torch.stack(part, dim=1) for part in zip(*per_axis, strict=True))
+    shift_mean = (log_mass.exp() * (centre + taylor[..., 0])).sum(-1)  # [B, T], no pass over V
+    return AxisMeasure(centre - shift_mean[..., None], log_mass, taylor), shift_mean
+
+
+def _binned_axis(mass: Tensor, shift: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One axis's bins over [min d, max d] ([B, J] centres and log masses, [B, J, 3] Taylor terms).
+
+    Called once per axis rather than batched over T, so that the [B, V] temporaries stay small
+    even in float64; float32 places each id within 2^-12 of a bin, 1e-7 of the range.
+    """
+    low = shift.amin(-1, keepdim=True)  # [B, 1]
+    # a hair wider than (max - min) / bins, so that max d falls inside the last bin
+    width = ((shift.amax(-1, keepdim=True) - low) / (bins - 0.01)).clamp(min=1e-30)  # [B, 1] w
+    scaled = torch.sub(shift, low).div_(width)  # [B, V] in [0, bins)
+    index = scaled.long().clamp_(0, bins - 1)
+    offset = scaled.frac_().sub_(0.5).double()  # [B, V] (c_v - m_j) / w in [-1/2, 1/2)
+    sums = _bin_sums(mass, index, offset, bins)  # [B, 4, J]
+    powers = torch.arange(1, 4, device=shift.device)
+    scale = width.double()[..., None] ** powers / powers.cumprod(0)  # [B, 1, 3] w^n / n!
+    taylor = sums[:, 1:].transpose(1, 2) / sums[:, :1].mT.clamp(min=1e-300) * scale  # [B, J, 3]
+    centre = low + (torch.arange(bins, device=shift.device) + 0.5) * width
+    return centre, sums[:, 0].log().float(), taylor.float()
+
+
+def _bin_sums(mass: Tensor, index: Tensor, offset: Tensor, bins: int) -> Tensor:
+    """sum_{v in j} P_v offset_v^n for n = 0..3 ([B, 4, J]), offset = (c_v - m_j) / w, in float64."""
+    sums = mass.new_zeros(mass.shape[0], 4, bins)
+    sums[:, 0].scatter_add_(1, index, mass)
+    term = mass * offset  # then in place: on a CPU, allocating [B, V] costs as much as the math
+    sums[:, 1].scatter_add_(1, index, term)
+    sums[:, 2].scatter_add_(1, index, term.mul_(offset))
+    sums[:, 3].scatter_add_(1, index, term.mul_(offset))
+    return sums
+
+
+def _tilt(measure: AxisMeasure, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K(a) for candidates a ([B, T, C]); P~ over the bins, p_j(a), p_j'(a)/p_j(a) ([B, T, C, J]).
+
+    E_P[exp(a c)] = sum_j M_j exp(a m_j) p_j(a) and E_j[c exp(a c)] / E_j[exp(a c)] = m_j + p_j'/p_j.
+    """
+    a = a[..., None]  # [B, T, C, 1]
+    t1, t2, t3 = (m[:, :, None, :] for m in measure.taylor.unbind(-1))  # [B, T, 1, J]
+    centre = measure.centre[:, :, None, :]
+    poly = torch.addcmul(t2, a, t3).mul_(a).add_(t1).mul_(a).add_(1).clamp_(min=1e-30)  # p
+    slope = torch.addcmul(2 * t2, a, 3 * t3).mul_(a).add_(t1).div_(poly)  # p'/p
+    logits = torch.addcmul(measure.log_mass[:, :, None, :], a, centre).add_(poly.log())
+    top = logits.amax(-1, keepdim=True)
+    weights = logits.sub_(top).exp_()  # P~ over bins, times total
+    total = weights.sum(-1, keepdim=True)
+    return (top + total.log())[..., 0], weights.div_(total), poly, slope
+
+
+def _residuals(
+    a: Tensor, cgf: Tensor, mean: Tensor, targets: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """x - mean f and y - mean r with x = KL(P~||P) = a K' - K and y = KL(P||P~) = K."""
+    return a * mean - cgf - targets[0], cgf - targets[1]
+
+
+def _axis_loss(measure: AxisMeasure, a: Tensor, targets: tuple[Tensor, Tensor]) -> Tensor:
+    """h = (x - mean f)^2 + (y - mean r)^2 at alpha = a * e_t for candidates a ([B, T, C])."""
+    cgf, weights, _, slope = _tilt(measure, a)
+    mean = (weights * slope.add_(measure.centre[:, :, None, :])).sum(-1)  # K' = E_P~[c]
+    res_x, res_y = _residuals(a, cgf, mean, targets)
+    return torch.nan_to_num(res_x**2 + res_y**2, nan=torch.inf)
+
+
+def _axis_terms(
+    measure: AxisMeasure, a: Tensor, targets: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h, h' and the Gauss-Newton h'' at alpha = a * e_t for candidates a ([B, T, C] each).
+
+    With K1 = K'(a) = E_P~[c], K2 = K''(a) = Var_P~(c) (the bin means' variance plus the
+    within-bin variance p_j''/p_j - (p_j'/p_j)^2), x' = a K2, y' = K1:
         h' = 2 (x - f) a K2 + 2 (y - r) K1,    h'' ~ 2 (a K2)^2 + 2 K1^2  (always > 0 off a = 0).
     """
-    logits = large_logp[:, None, :] + a[..., None] * centred  # [B, T, V]
-    top = logits.amax(-1, keepdim=True)
-    unnorm = torch.exp(logits - top)
-    total = unnorm.sum(-1)
-    cgf = top[..., 0] + torch.log(total)  # K
-    mean = (unnorm * centred).sum(-1) / total  # K1
-    var = ((unnorm * centred_sq).sum(-1) / total - mean**2).clamp(min=0)  # K2
-    res_x = a * mean - cgf - mean_forward[:, None]
-    res_y = cgf - mean_reverse[:, None]
-    h = res_x**2 + res_y**2
-    dh = 2 * res_x * a * var + 2 * res_y * mean
-    d2h = 2 * (a * var) ** 2 + 2 * mean**2
-    return h, dh, d2h
-
-
-def _grid_argmin(
-    large_logp: Tensor,
-    centred: Tensor,
-    mean_forward: Tensor,
-    mean_reverse: Tensor,
-    grid: Tensor,
-    stride: int = 4,
-) -> Tensor:
-    """Index of the best grid point on every axis ([B, T]) without evaluating the whole grid.
-
-    For a >= 0 both KLs are non-decreasing along an axis, so inside a cell [c_j, c_j+1] the point
-    (x, y) stays in the box [x_j, x_j+1] x [y_j, y_j+1] and h >= LB_j, the squared distance from the
-    target (mean f, mean r) to that box. So: evaluate every `stride`-th grid point, then the grid
-    points inside the two cells of lowest bound; a cell whose bound is still below the best value
-    found is scanned in full (rare). The result is the exact argmin over the grid.
-    """
-    batch, experts = mean_forward.shape[0], centred.shape[1]
-    target_x, target_y = mean_forward[:, None], mean_reverse[:, None]
-
-    def evaluate(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = _axis_kls(large_logp, centred, grid[index])
-        h = (x - target_x) ** 2 + (y - target_y) ** 2
-        return x, y, torch.nan_to_num(h, nan=torch.inf)
-
-    def full_scan() -> Tensor:
-        everywhere = torch.arange(grid.numel(), device=grid.device)
-        h = torch.stack([evaluate(i.expand(batch, experts))[2] for i in everywhere], dim=-1)
-        return h.argmin(dim=-1)
-
-    if grid[0] < 0 or grid.numel() <= 2 * stride:
-        return full_scan()
-    last = grid.numel() - 1
-    coarse = torch.unique(torch.cat([torch.arange(0, last, stride), torch.tensor([last])])).to(
-        grid.device
-    )
-    xs, ys, hs = (
-        torch.stack(v, -1)
-        for v in zip(*(evaluate(c.expand(batch, experts)) for c in coarse), strict=True)
-    )
-    best_h, best = hs.min(dim=-1)
-    best = coarse[best]
-    gap_x = (xs[..., :-1] - target_x[..., None]).clamp(min=0) + (
-        target_x[..., None] - xs[..., 1:]
-    ).clamp(min=0)
-    gap_y = (ys[..., :-1] - target_y[..., None]).clamp(min=0) + (
-        target_y[..., None] - ys[..., 1:]
-    ).clamp(min=0)
-    bound = gap_x**2 + gap_y**2  # [B, T, cells]
-    refined = bound.argsort(dim=-1)[..., :2]  # [B, T, 2]
-    for cell in refined.unbind(-1):
-        start, end = coarse[cell], coarse[cell + 1]
-        for offset in range(1, stride):
-            index = torch.minimum(start + offset, end)
-            h = evaluate(index)[2]
-            better = h < best_h
-            best_h, best = torch.where(better, h, best_h), torch.where(better, index, best)
-    open_cells = bound <= best_h[..., None] * (1 + 1e-6) + 1e-12
-    open_cells.scatter_(-1, refined, False)
-    unresolved = open_cells.any(dim=-1)
-    if bool(unresolved.any()):
-        best = torch.where(unresolved, full_scan(), best)
-    return best
+    cgf, weights, poly, slope = _tilt(measure, a)
+    t2, t3 = (m[:, :, None, :] for m in measure.taylor[..., 1:].unbind(-1))  # [B, T, 1, J]
+    spread = torch.addcmul(2 * t2, a[..., None], 6 * t3).div_(poly).sub_(slope**2)
+    bin_mean = slope.add_(measure.centre[:, :, None, :])
+    mean = (weights * bin_mean).sum(-1)  # K1
+    var = (weights * (bin_mean - mean[..., None]).square_().add_(spread)).sum(-1).clamp(min=0)
+    res_x, res_y = _residuals(a, cgf, mean, targets)
+    h = torch.nan_to_num(res_x**2 + res_y**2, nan=torch.inf)
+    return h, 2 * res_x * a * var + 2 * res_y * mean, 2 * (a * var) ** 2 + 2 * mean**2
 
 
 def _best_axis(
-    large_logp: Tensor,
-    centred: Tensor,
+    measure: AxisMeasure,
     active: Tensor,
-    mean_forward: Tensor,
-    mean_reverse: Tensor,
+    targets: tuple[Tensor, Tensor],
     grid: Tensor,
     newton_steps: int,
-) -> tuple[Tensor, Tensor]:
-    """Stages 1-2: minimise h along every axis, keep the best axis per row -> alpha [B, T], h [B]."""
+) -> Tensor:
+    """Stages 1-2: minimise h along every axis, keep the best axis per row -> alpha [B, T]."""
     batch, experts = active.shape
-    k = _grid_argmin(large_logp, centred, mean_forward, mean_reverse, grid)  # [B, T]
+    k = _axis_loss(measure, grid.expand(batch, experts, -1), targets).argmin(-1)  # [B, T]
     last = grid.numel() - 1
     a, left, right = grid[k], grid[(k - 1).clamp(min=0)], grid[(k + 1).clamp(max=last)]
-    centred_sq = centred**2
-    h, dh, d2h = _axis_terms(large_logp, centred, centred_sq, a, mean_forward, mean_reverse)
+    h, dh, d2h = (v[..., 0] for v in _axis_terms(measure, a[..., None], targets))
     best_a, best_h = a, h
     for _ in range(newton_steps):
         # The minimum lies on the side h' points away from. At a bracket end h' carries no side
@@ -310,53 +331,71 @@ def _best_axis(
         newton = a - dh / d2h
         inside = (d2h > 0) & (newton > left) & (newton < right)
         a = torch.where(inside, newton, (left + right) / 2)
-        h, dh, d2h = _axis_terms(large_logp, centred, centred_sq, a, mean_forward, mean_reverse)
+        h, dh, d2h = (v[..., 0] for v in _axis_terms(measure, a[..., None], targets))
         better = h < best_h
         best_a, best_h = torch.where(better, a, best_a), torch.where(better, h, best_h)
-    best_h = torch.where(active, torch.nan_to_num(best_h, nan=torch.inf), torch.inf)
-    axis = best_h.argmin(dim=-1)  # [B]
-    rows = torch.arange(batch, device=best_a.device)
-    alpha = torch.zeros_like(best_a)
-    alpha[rows, axis] = best_a[rows, axis]
-    return alpha, best_h[rows, axis]
+    axis = torch.where(active, best_h, torch.inf).argmin(dim=-1, keepdim=True)  # [B, 1]
+    return torch.zeros_like(best_a).scatter_(1, axis, best_a.gather(1, axis))
 
 
 def _joint_terms(
-    large_logp: Tensor, centred: Tensor, alpha: Tensor, mean_forward: Tensor, mean_reverse: Tensor
+    large_logp: Tensor,
+    deltas: Tensor,
+    shift_mean: Tensor,
+    alpha: Tensor,
+    mean_forward: Tensor,
+    mean_reverse: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Residuals ([B, 2]), their Jacobian ([B, 2, T]) and h ([B]) at a joint alpha.
+    """Residuals ([B, 2]), their Jacobian ([B, 2, T]) and h ([B]) at a joint alpha, over all of V.
 
-    dKL(P||P~)/dalpha = E_P~[d];  dKL(P~||P)/dalpha = Cov_P~(d) alpha = E_P~[d s] - E_P~[d] E_P~[s]
-    with s = sum_t alpha_t d_t (no T x T matrix needed).
+    With s = sum_t alpha_t c_t and K = log E_P[exp(s)]: KL(P~||P) = E_P~[s] - K, KL(P||P~) = K,
+    dKL(P||P~)/dalpha = E_P~[c];  dKL(P~||P)/dalpha = Cov_P~(c) alpha = E_P~[d s] - E_P~[d] E_P~[s]
+    (no T x T matrix needed; d and c differ by constants, which covariances ignore).
     """
-    shift = torch.einsum("bt,btv->bv", alpha, centred)  # s
-    cgf = torch.logsumexp(large_logp + shift, dim=-1)  # [B]
-    weights = torch.exp(large_logp + shift - cgf[:, None])  # [B, V]
-    mean = torch.einsum("bv,btv->bt", weights, centred)  # [B, T]
-    mean_shift = (weights * shift).sum(-1)  # [B]
-    cov_alpha = torch.einsum("bv,btv->bt", weights * shift, centred) - mean * mean_shift[:, None]
+    offset = (alpha * shift_mean).sum(-1, keepdim=True)  # [B, 1] E_P[sum_t alpha_t d_t]
+    shift = torch.einsum("bt,btv->bv", alpha, deltas) - offset  # [B, V] s
+    logits = large_logp + shift
+    top = logits.amax(-1, keepdim=True)
+    unnorm = torch.exp(logits - top)  # [B, V] P~ * total
+    total = unnorm.sum(-1)
+    cgf = top[:, 0] + total.log()  # [B] K
+    weighted_shift = unnorm * shift
+    mean_shift = weighted_shift.sum(-1) / total  # [B] E_P~[s]
+    mean = torch.einsum("bv,btv->bt", unnorm, deltas) / total[:, None]  # [B, T] E_P~[d]
+    cov_alpha = torch.einsum("bv,btv->bt", weighted_shift, deltas) / total[:, None]
+    cov_alpha = cov_alpha - mean * mean_shift[:, None]
     residual = torch.stack([mean_shift - cgf - mean_forward, cgf - mean_reverse], -1)
-    jacobian = torch.stack([cov_alpha, mean], dim=1)
+    jacobian = torch.stack([cov_alpha, mean - shift_mean], dim=1)
     return residual, jacobian, (residual**2).sum(-1)
+
+
+def _solve_2x2(system: Tensor, rhs: Tensor) -> Tensor:
+    """system^-1 rhs for [B, 2, 2] symmetric systems by Cramer's rule (no host sync on a device)."""
+    a, b, d = system[:, 0, 0], system[:, 0, 1], system[:, 1, 1]
+    first, second = rhs.unbind(-1)
+    return (
+        torch.stack([d * first - b * second, a * second - b * first], -1) / (a * d - b * b)[:, None]
+    )
 
 
 def _joint_refine(
     large_logp: Tensor,
-    centred: Tensor,
+    deltas: Tensor,
+    shift_mean: Tensor,
     active: Tensor,
     mean_forward: Tensor,
     mean_reverse: Tensor,
     alpha: Tensor,
-    loss: Tensor,
     alpha_min: float,
     alpha_max: float,
     steps: int,
 ) -> Tensor:
-    """Stage 2: damped minimum-norm Gauss-Newton on the two residuals, accepted only if h drops."""
+    """Stage 3: damped minimum-norm Gauss-Newton on the two residuals, accepted only if h drops."""
     if active.shape[1] < 2:
         return alpha
     mask = active.to(alpha.dtype)
-    residual, jacobian, _ = _joint_terms(large_logp, centred, alpha, mean_forward, mean_reverse)
+    terms = (large_logp, deltas, shift_mean)
+    residual, jacobian, loss = _joint_terms(*terms, alpha, mean_forward, mean_reverse)
     damping = torch.full_like(loss, 1e-3)
     eye = torch.eye(2, dtype=alpha.dtype, device=alpha.device)
     for _ in range(steps):
@@ -364,10 +403,10 @@ def _joint_refine(
         gram = jac @ jac.transpose(1, 2)  # [B, 2, 2]
         scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-12)
         system = gram + (damping * scale)[:, None, None] * eye
-        step = -(jac.transpose(1, 2) @ torch.linalg.solve(system, residual[..., None]))[..., 0]
+        step = -(jac.transpose(1, 2) @ _solve_2x2(system, residual)[..., None])[..., 0]
         candidate = (alpha + step).clamp(alpha_min, alpha_max) * mask
         new_residual, new_jacobian, new_loss = _joint_terms(
-            large_logp, centred, candidate, mean_forward, mean_reverse
+            *terms, candidate, mean_forward, mean_reverse
         )
         better = new_loss < loss
         alpha = torch.where(better[:, None], candidate, alpha)
@@ -404,10 +443,10 @@ def make_solver(
     if mode == "static":
         return lambda large_logp, shifts, active: static_alpha(static_weights, active)
     if mode == "paper":
-        grid = alpha_grid(alpha_min, alpha_max, grid_step)
         return lambda large_logp, shifts, active: paper_alpha(
-            large_logp, shifts, active, grid.to(large_logp.device)
-        )
+            large_logp, shifts, active,
+            alpha_grid(alpha_min, alpha_max, grid_step, device=large_logp.device),
+        )  # fmt: skip
     if mode == "dynamic":
         return lambda large_logp, shifts, active: dynamic_alpha(
             large_logp, shifts, active, alpha_min, alpha_max, grid_step, newton_steps

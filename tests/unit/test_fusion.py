@@ -103,9 +103,9 @@ def test_paper_mode_reproduces_an_independent_grid_search():
 logit_cases = st.tuples(
     st.integers(1, 4),  # batch
     st.integers(1, 4),  # experts
-    st.sampled_from([8, 64, 300]),  # vocab
+    st.sampled_from([8, 64, 300, 5000]),  # vocab (5000: more ids than the solver's 2048 bins)
     st.sampled_from([0.1, 1.0, 3.0, 10.0, 30.0]),  # logit scale (30: near one-hot)
-    st.sampled_from([0.01, 0.5, 2.0, 8.0, 40.0]),  # how far fine-tuning moved the expert
+    st.sampled_from([0.0, 0.01, 0.5, 2.0, 8.0, 40.0]),  # how far fine-tuning moved the expert
     st.integers(0, 2**31 - 1),
 )
 
@@ -127,6 +127,40 @@ def test_dynamic_objective_never_exceeds_the_paper_grid(case):
     assert torch.isfinite(alpha).all()
     assert ((alpha >= 0) & (alpha <= 2)).all()
     assert torch.all(alpha[~active] == 0)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    logit_cases,
+    st.sampled_from([-1.0, -0.5, 0.0]),  # alpha_min <= 0: the paper's a * e_t lie in the box
+    st.sampled_from([1.0, 1.5, 3.0]),
+    st.sampled_from([0.1, 0.25, 0.5]),
+)
+def test_dynamic_never_exceeds_the_paper_grid_of_any_configured_range(case, low, high, step):
+    batch, experts, vocab, scale, expert_scale, seed = case
+    large, small, expert_logits = fake_logits(batch, experts, vocab, scale, expert_scale, seed)
+    active = torch.ones(batch, experts, dtype=torch.bool)
+    large_logp, shifts = prepared(large, small, expert_logits)
+    grid = F.alpha_grid(low, high, step)
+    paper = F.fusion_objective(
+        large_logp, shifts, F.paper_alpha(large_logp, shifts, active, grid), active
+    )
+    alpha = F.dynamic_alpha(large_logp, shifts, active, low, high, step)
+    dynamic = F.fusion_objective(large_logp, shifts, alpha, active)
+    assert torch.all(dynamic <= paper * (1 + 1e-5) + 1e-6), (dynamic, paper)
+    assert ((alpha >= low) & (alpha <= high)).all()
+
+
+@pytest.mark.parametrize("scale, expert_scale", [(0.1, 0.5), (3.0, 1.0), (30.0, 8.0)])
+def test_binning_the_vocabulary_costs_no_objective(scale, expert_scale):
+    """2048 bins of a 20 000-id vocabulary reach the objective of the solver on every id."""
+    large, small, experts = fake_logits(4, 2, 20_000, scale, expert_scale, seed=12)
+    active = torch.ones(4, 2, dtype=torch.bool)
+    large_logp, shifts = prepared(large, small, experts)
+    binned = F.dynamic_alpha(large_logp, shifts, active, bins=2048)
+    every_id = F.dynamic_alpha(large_logp, shifts, active, bins=20_000)
+    objective = [F.fusion_objective(large_logp, shifts, a, active) for a in (binned, every_id)]
+    torch.testing.assert_close(objective[0], objective[1], rtol=1e-4, atol=1e-7)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
