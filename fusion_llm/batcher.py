@@ -112,6 +112,7 @@ class ContinuousBatcher:
         return submission
 
     # -- the loop ------------------------------------------------------------------------------
+    @torch.inference_mode()  # the decoder thread never needs autograd (thread-local switch)
     def _serve(self) -> None:
         try:
             while self._rows or self._wait_for_work():
