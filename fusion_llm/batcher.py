@@ -215,9 +215,11 @@ class ContinuousBatcher:
             self._solver,
         )
         tokens = sample_rows(fused.logits, [r.sampler for r in rows])
-        # The step's host syncs: the tokens with their flags, and alpha for the trace.
-        flags = torch.stack([tokens, fused.fallback.long(), fused.fault.long()], dim=1).tolist()
-        return tokens, fused.alpha.cpu(), flags, columns
+        # The step's one host read: tokens (exact in float32 below 2**24 ids), flags and alpha.
+        flags = [t.float()[:, None] for t in (tokens, fused.fallback, fused.fault)]
+        packed = torch.cat([*flags, fused.alpha.float()], dim=1).tolist()
+        read = [(int(row[0]), bool(row[1]), bool(row[2])) for row in packed]
+        return tokens, [row[3:] for row in packed], read, columns
 
     def _deliver(self, tokens, alpha, flags, columns: list[str]) -> set[int]:
         """Record each row's token, send each ticket its events; the rows that finished."""
@@ -242,12 +244,11 @@ class ContinuousBatcher:
             if len(row.tokens) <= ticket.delivered[row.local]:
                 continue  # a rerun replays what its caller already has
             ticket.delivered[row.local] = len(row.tokens)
-            own = [columns.index(e) for e in row.experts]
             event = RowEvent(
                 ticket.first_row + row.local,
                 token,
-                alpha[i, own].tolist() if own else [],
-                bool(fallback),
+                [alpha[i][columns.index(e)] for e in row.experts],
+                fallback,
                 reason,
             )
             events.setdefault(id(ticket), (ticket, []))[1].append(event)

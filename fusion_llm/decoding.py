@@ -40,6 +40,7 @@ class CacheRunner:
         self.ids: list[Hashable] = []  # what each row of the batch is (a row id, a slot)
         self.attention_mask: Tensor | None = None  # [N, L]
         self.next_position: Tensor | None = None  # [N]
+        self.lengths: list[int] = []  # tokens each row has read (host copy: trimming needs no sync)
         self.last_logits: Tensor | None = None  # [N, V] logits of each row's last token
 
     def prefill(self, prompts: Sequence[Sequence[int]], ids: Sequence[Hashable] = ()) -> Tensor:
@@ -53,6 +54,7 @@ class CacheRunner:
             tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
         self.ids = list(ids) or list(range(len(prompts)))
+        self.lengths = [len(p) for p in prompts]
         self.attention_mask = mask.to(device)
         positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.next_position = self.attention_mask.sum(-1)
@@ -65,20 +67,23 @@ class CacheRunner:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         positions = self.next_position[:, None]
         self.next_position = self.next_position + 1
+        self.lengths = [n + 1 for n in self.lengths]
         return self._forward(tokens.to(device)[:, None], positions)
 
     def keep(self, rows: Tensor) -> None:
         """Drop every row not in `rows` (indices into the current batch); trim shared padding."""
-        self.ids = [self.ids[i] for i in rows.tolist()]
+        kept = rows.tolist()  # a CPU tensor: no device read
+        self.ids = [self.ids[i] for i in kept]
+        self.lengths = [self.lengths[i] for i in kept]
         if self.adapter_names is not None:
-            self.adapter_names = [self.adapter_names[i] for i in rows.tolist()]
+            self.adapter_names = [self.adapter_names[i] for i in kept]
         rows = rows.to(self.attention_mask.device)
         self.cache.batch_select_indices(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
         self.last_logits = self.last_logits[rows]
-        unused = int((self.attention_mask.sum(0) == 0).long().cumprod(0).sum())
-        if unused and self.ids:  # columns no remaining row attends to
+        unused = self.attention_mask.shape[1] - max(self.lengths, default=0)
+        if unused > 0 and self.ids:  # left columns no remaining row attends to
             self.attention_mask = self.attention_mask[:, unused:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = (
@@ -105,6 +110,7 @@ class CacheRunner:
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.last_logits = torch.cat([self.last_logits, other.last_logits])
         self.ids += other.ids
+        self.lengths += other.lengths
         if self.adapter_names is not None:
             self.adapter_names += other.adapter_names
 

@@ -466,37 +466,10 @@ def fusion_step(
 
     A row where any model's logits are not finite falls back to the large model (flagged); a row
     where the large model itself has no finite logit cannot be sampled: it is flagged in `fault`
-    (its logits are zeros) and the caller ends that row alone, the other rows go on.
+    (its logits are zeros) and the caller ends that row alone, the other rows go on. Every input
+    is masked rather than branched on, so the step never reads a tensor back to the host.
     """
     fused_models = solver is not None and expert_logits is not None and expert_logits.shape[1] > 0
-    ok = (
-        finite_rows(large_logits, small_logits, expert_logits)
-        if fused_models
-        else finite_rows(large_logits)
-    )
-    if not bool(ok.all()):
-        return _fusion_step_with_faults(
-            large_logits, small_logits, expert_logits, active, solver, fused_models
-        )
-    large_logp = log_probs(large_logits)
-    no_fault = torch.zeros_like(ok)
-    if not fused_models:
-        width = 0 if expert_logits is None else expert_logits.shape[1]
-        return FusedStep(large_logp, large_logp.new_zeros(ok.shape[0], width), ~ok, no_fault)
-    shifts = expert_shifts(log_probs(small_logits), log_probs(expert_logits))
-    alpha = solver(large_logp, shifts, active)
-    return FusedStep(fuse(large_logp, shifts.deltas, alpha), alpha, ~ok, no_fault)
-
-
-def _fusion_step_with_faults(
-    large_logits: Tensor,
-    small_logits: Tensor | None,
-    expert_logits: Tensor | None,
-    active: Tensor,
-    solver: AlphaSolver | None,
-    fused_models: bool,
-) -> FusedStep:
-    """`fusion_step` when some row has a non-finite logit somewhere (masks every input)."""
     batch = large_logits.shape[0]
     large_ok = torch.isfinite(large_logits)
     fault = ~large_ok.any(dim=-1)  # [B]
