@@ -44,18 +44,22 @@ def shared_engine(config: FusionConfig | dict[str, Any] | str | Path) -> FusionE
         return _engines[key]
 
 
-def adapter_engine(engine: FusionEngine | None, config_path: str | Path | None) -> FusionEngine:
-    """The engine of an adapter: `engine`, or the shared engine of `config_path`.
+def with_engine(fields: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's fields with its engine attached: `engine`, or the shared engine of
+    `config_path` (kept as a string).
 
-    Adapters call this before pydantic validates their fields: pydantic would wrap a ConfigError
-    raised inside a validator into a ValidationError.
+    Adapters call this in `__init__`, before pydantic validates their fields: pydantic would wrap
+    a ConfigError raised inside a validator into a ValidationError.
     """
-    if engine is not None:
-        return engine
-    if config_path is None:
-        msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
-        raise ConfigError(msg)
-    return shared_engine(config_path)
+    engine, config_path = fields.get("engine"), fields.get("config_path")
+    if isinstance(config_path, Path):
+        config_path = fields["config_path"] = str(config_path)
+    if engine is None:
+        if config_path is None:
+            msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
+            raise ConfigError(msg)
+        fields["engine"] = shared_engine(config_path)
+    return fields
 
 
 def stop_strings(*sources: str | Sequence[str] | None) -> list[str] | None:

@@ -31,10 +31,10 @@ from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
 from fusion_llm.client import (
     FusionClient,
     RoutedGeneration,
-    adapter_engine,
     check_keywords,
     shared_engine,
     stop_strings,
+    with_engine,
 )
 from fusion_llm.router import CALL_KEYWORDS, Route, Source, choose_route
 
@@ -85,12 +85,7 @@ class FusionFields(BaseModel):
     extra_call_keywords: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **fields: Any) -> None:
-        # The engine is attached before pydantic runs: it would wrap a ConfigError in its own error.
-        config_path = fields.get("config_path")
-        if isinstance(config_path, Path):
-            fields["config_path"] = str(config_path)
-        fields["engine"] = adapter_engine(fields.get("engine"), fields.get("config_path"))
-        super().__init__(**fields)
+        super().__init__(**with_engine(fields))
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -45,11 +45,11 @@ from fusion_llm.chat import chat_message, no_messages, non_text_content
 from fusion_llm.client import (
     FusionClient,
     RoutedGeneration,
-    adapter_engine,
     check_keywords,
     iterate_in_thread,
     shared_engine,
     stop_strings,
+    with_engine,
 )
 from fusion_llm.engine import StreamChunk
 from fusion_llm.errors import ConfigError
@@ -102,12 +102,7 @@ class FusedLLM(CustomLLM):
     """Context window reported to LlamaIndex (None: the engine's, less the chat template's)."""
 
     def __init__(self, **fields: Any) -> None:
-        # The engine is attached before pydantic runs: it would wrap a ConfigError in its own error.
-        config_path = fields.get("config_path")
-        if isinstance(config_path, Path):
-            fields["config_path"] = str(config_path)
-        fields["engine"] = adapter_engine(fields.get("engine"), fields.get("config_path"))
-        super().__init__(**fields)
+        super().__init__(**with_engine(fields))
 
     @field_validator("stop", mode="before")
     @classmethod
