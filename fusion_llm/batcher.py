@@ -17,10 +17,12 @@ restarted by the next `submit`.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +36,14 @@ from .request import Request, RowEvent, Submission, Ticket
 from .scheduler import Scheduler
 
 STOP_PAD = 2**31 - 1  # left padding of short rows for the stop check: no token's text
+_SHUTDOWN = object()  # queued at interpreter exit: an idle decoder ends before torch is torn down
+_batchers: weakref.WeakSet[ContinuousBatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_decoders() -> None:
+    for batcher in list(_batchers):
+        batcher.stop()
 
 
 @dataclass
@@ -96,6 +106,14 @@ class ContinuousBatcher:
         self._rows: list[LiveRow] = []  # in the state's row order
         self._row_ids = itertools.count()
         self._solvers: dict[tuple, AlphaSolver | None] = {}
+        _batchers.add(self)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End the decoder thread once it is idle (a thread torch still runs in at exit aborts)."""
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._incoming.put(_SHUTDOWN)
+            worker.join(timeout_s)
 
     def submit(self, request: Request, put: Callable[[object], None]) -> Submission:
         """Queue a request; its events (lists of `RowEvent`, then DONE, or an error) go to `put`."""
@@ -138,27 +156,36 @@ class ContinuousBatcher:
         if self._scheduler.waiting:
             return True
         try:
-            self._scheduler.add(self._incoming.get(timeout=self._idle_s))
+            first = self._incoming.get(timeout=self._idle_s)
         except queue.Empty:
             with self._lock:  # submit() holds this lock: no request slips through
                 if self._incoming.empty():
                     self._worker = None
                     return False
             return True
+        if first is _SHUTDOWN:
+            with self._lock:
+                self._worker = None
+            return False
+        self._scheduler.add(first)
         deadline = time.monotonic() + self._window_s
         while (left := deadline - time.monotonic()) > 0:
             try:
-                self._scheduler.add(self._incoming.get(timeout=left))
+                item = self._incoming.get(timeout=left)
             except queue.Empty:
                 break
+            if item is not _SHUTDOWN:
+                self._scheduler.add(item)
         return True
 
     def _take_incoming(self) -> None:
         while True:
             try:
-                self._scheduler.add(self._incoming.get_nowait())
+                item = self._incoming.get_nowait()
             except queue.Empty:
                 return
+            if item is not _SHUTDOWN:  # busy at exit: the daemon thread ends with the process
+                self._scheduler.add(item)
 
     # -- joining -------------------------------------------------------------------------------
     def _join(self, tickets: list[Ticket]) -> None:

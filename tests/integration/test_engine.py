@@ -249,3 +249,20 @@ def test_loading_an_engine_prints_no_progress_bars_and_warns_nothing(tiny_family
         hf_logging.disable_progress_bar()
     assert "Loading weights" not in capfd.readouterr().err
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_a_process_that_generated_exits_cleanly(tiny_family):
+    import subprocess
+    import sys
+
+    script = (
+        "from fusion_llm import FusionEngine\n"
+        "from fusion_llm.tiny import family_config\n"
+        f"paths = { ({k: str(v) for k, v in tiny_family.items()})!r}\n"
+        "print(FusionEngine(family_config(paths)).generate('the king', max_new_tokens=2)[0].completion_tokens)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "2"
