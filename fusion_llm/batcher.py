@@ -235,7 +235,9 @@ class ContinuousBatcher:
         rows = self._rows
         columns = list(dict.fromkeys(e for r in rows for e in r.experts))
         fused = fuse_rows(
-            self._state,
+            self._state.large.last_logits,
+            self._state.pool,
+            self._state.rows,
             [r.experts for r in rows],
             [r.ticket.request.mode for r in rows],
             columns,

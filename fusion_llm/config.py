@@ -112,13 +112,21 @@ class FusionSpec(_Spec):
 
     mode: FusionMode = Field("dynamic", description="none | static | paper | dynamic.")
     alpha_min: float = Field(
-        0.0, ge=-ALPHA_LIMIT, le=ALPHA_LIMIT, description="Lower bound of alpha (`paper`, `dynamic`)."
+        0.0,
+        ge=-ALPHA_LIMIT,
+        le=ALPHA_LIMIT,
+        description="Lower bound of alpha (`paper`, `dynamic`).",
     )
     alpha_max: float = Field(
-        2.0, ge=-ALPHA_LIMIT, le=ALPHA_LIMIT, description="Upper bound of alpha (`paper`, `dynamic`)."
+        2.0,
+        ge=-ALPHA_LIMIT,
+        le=ALPHA_LIMIT,
+        description="Upper bound of alpha (`paper`, `dynamic`).",
     )
     grid_step: float = Field(
-        0.1, gt=0, description="Grid step of `paper` (and the scan of `dynamic`); divides the range."
+        0.1,
+        gt=0,
+        description="Grid step of `paper` (and the scan of `dynamic`); divides the range.",
     )
     newton_steps: int = Field(
         3, ge=1, le=50, description="Safeguarded Newton iterations of the `dynamic` solver."
@@ -200,6 +208,34 @@ class BatchingSpec(_Spec):
     max_rows: int = Field(64, ge=1, description="Most prompts decoded together in one batch.")
 
 
+class VllmSpec(_Spec):
+    """How the `vllm` backend (and `fusion-llm serve`) runs the large model inside vLLM."""
+
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs the large model is split over (vLLM's tensor parallelism)."
+    )
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (e.g. one per node).")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None,
+        description="vLLM's executor: None picks (in-process for one device), `ray` for several nodes.",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length vLLM reserves KV pages for; None: the model's."
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size in GiB (on CPU: the memory vLLM reserves for it)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of accelerator memory vLLM may use; None: vLLM's."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="No CUDA graphs / compilation; None: eager on CPU (quick start)."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further `vllm.EngineArgs` fields, passed as they are."
+    )
+
+
 class FusionConfig(_Spec):
     """The whole engine: large base, small base, experts, fusion and generation defaults."""
 
@@ -209,6 +245,12 @@ class FusionConfig(_Spec):
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Who runs the large model: `hf` (transformers, in this process) or `vllm` "
+        "(paged KV cache, tensor parallelism; needs the vllm extra).",
+    )
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
     gate: GateMode = Field(
         "warn",
         description="What the router does with an expert whose card says fusing it lowers the "

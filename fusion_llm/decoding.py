@@ -22,9 +22,9 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, StopStringCriteria
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .config import GenerationSpec
-from .fusion import AlphaSolver, FusedStep, fusion_step
-from .models import BASE_ADAPTER, LoadedModel, ModelSet
+from .config import FusionConfig, GenerationSpec
+from .fusion import AlphaSolver, FusedStep, fusion_step, make_solver
+from .models import BASE_ADAPTER, LoadedModel, ModelSet, cache_argument
 
 Tensor = torch.Tensor
 GREEDY_TEMPERATURE = 1e-5
@@ -120,7 +120,7 @@ class CacheRunner:
             input_ids=ids,
             attention_mask=self.attention_mask,
             position_ids=positions,
-            cache=self.cache,
+            **cache_argument(self.cache),
             use_cache=True,
             logits_to_keep=1,
             **extra,
@@ -285,17 +285,19 @@ class ModelState:
 
 
 def fuse_rows(
-    state: ModelState,
+    large: Tensor,
+    pool: SmallPool,
+    rows: Sequence[int],
     experts: Sequence[Sequence[str]],
     modes: Sequence[str],
     columns: Sequence[str],
     solver_for: Callable[[str, list[str]], AlphaSolver | None],
 ) -> FusedStep:
-    """The fused step of every running row (`experts[b]`, `modes[b]` per row, in row order);
-    alpha over `columns`. Rows are fused in groups of one mode; rows without experts run alone."""
-    vocab = state.models.vocab_size
-    large = state.large.last_logits[:, :vocab]  # [B, V]
-    rows = state.rows
+    """The fused step of `rows` (pool row ids) from the large model's last logits [B, V] (however
+    they were produced), with `experts[b]`, `modes[b]` per row; alpha over `columns`. Rows are
+    fused in groups of one mode; rows without experts run alone."""
+    vocab = pool.models.vocab_size
+    large = large[:, :vocab]
     active = torch.tensor(
         [[c in names for c in columns] for names in experts], dtype=torch.bool, device=large.device
     ).reshape(len(rows), len(columns))  # [B, T]
@@ -308,7 +310,7 @@ def fuse_rows(
         if mode == "none":
             step = fusion_step(large[index], None, None, active[index], None)
         else:
-            small, expert = state.pool.logits([rows[b] for b in members], columns)
+            small, expert = pool.logits([rows[b] for b in members], columns)
             device = large.device
             step = fusion_step(
                 large[index], small.to(device), expert.to(device), active[index],
@@ -316,6 +318,20 @@ def fuse_rows(
             )  # fmt: skip
         parts.append((index, step))
     return _scatter(parts, len(rows), len(columns), large)
+
+
+def config_solver(config: FusionConfig, mode: str, experts: list[str]) -> AlphaSolver | None:
+    """The alpha solver of `mode` over `experts` with the config's weights and bounds."""
+    fusion = config.fusion
+    weights = {e.name: e.alpha for e in config.experts}
+    return make_solver(
+        mode,
+        torch.tensor([weights[e] for e in experts]),
+        fusion.alpha_min,
+        fusion.alpha_max,
+        fusion.grid_step,
+        fusion.newton_steps,
+    )
 
 
 def _scatter(parts, batch: int, width: int, like: Tensor) -> FusedStep:

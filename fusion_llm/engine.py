@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ import torch
 
 from .batcher import ContinuousBatcher
 from .config import FusionConfig, FusionMode, GenerationSpec
+from .decoding import config_solver
 from .errors import ContextWindowError, RequestError, UnknownExpertError
-from .fusion import AlphaSolver, make_solver
 from .models import LoadedModel, ModelSet, load_models
 from .request import DONE, PromptBatch, Request
 from .text import IncrementalText
@@ -131,10 +132,18 @@ class FusionEngine:
         # Held while the models run (decoding, or a router scoring prompts): peft's per-row
         # adapter selection installs hooks for the length of a forward, so forwards must not overlap.
         self._run_lock = threading.RLock()
+        self._batcher = self._decoder()
+
+    def _decoder(self):
+        """Who decodes: the continuous batcher over HF models, or vLLM (`backend: vllm`)."""
+        if self.config.backend == "vllm":
+            from .serving.backend import VllmDecoder
+
+            return VllmDecoder(self.config, self._run_lock)
         batching = self.config.batching
-        self._batcher = ContinuousBatcher(
+        return ContinuousBatcher(
             lambda: self.models,
-            self._solver_for,
+            partial(config_solver, self.config),
             self._run_lock,
             batching.window_ms / 1000,
             batching.max_rows,
@@ -146,8 +155,15 @@ class FusionEngine:
         if self._models is None:
             with self._load_lock:
                 if self._models is None:
-                    self._models = load_models(self.config)
+                    self._models = self._load()
         return self._models
+
+    def _load(self) -> ModelSet:
+        if self.config.backend == "vllm":  # vLLM holds the large weights; the rest is shared
+            from .serving.launch import small_models
+
+            return small_models(self.config.model_dump_json())
+        return load_models(self.config)
 
     def load(self) -> FusionEngine:
         """Load every model now (otherwise the first request does)."""
@@ -231,17 +247,6 @@ class FusionEngine:
         eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
         tokens = self._tokenize(batch, chosen, spec)
         return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, row_experts)
-
-    def _solver_for(self, mode: str, experts: list[str]) -> AlphaSolver | None:
-        fusion = self.config.fusion
-        return make_solver(
-            mode,
-            torch.tensor([self._expert_spec(e).alpha for e in experts]),
-            fusion.alpha_min,
-            fusion.alpha_max,
-            fusion.grid_step,
-            fusion.newton_steps,
-        )
 
     async def agenerate(
         self,
@@ -366,9 +371,6 @@ class FusionEngine:
             msg = f"unknown fusion mode {mode!r}; use one of {', '.join(MODES)}"
             raise RequestError(msg)
         return mode
-
-    def _expert_spec(self, name: str):
-        return next(e for e in self.config.experts if e.name == name)
 
     def _tokenize(
         self, batch: list[FusionPrompt], chosen: list[str], spec: GenerationSpec

@@ -22,8 +22,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import transformers
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .config import ExpertSpec, FusionConfig, ModelSpec
@@ -46,12 +47,26 @@ UNBATCHABLE_LORA = {
 }
 
 
+def cache_argument(cache) -> dict:
+    """The keyword that hands a KV cache to a model's forward: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns); earlier 5.x ignore `cache` silently, which
+    would decode every step without its context."""
+    return {_CACHE_KEYWORD: cache}
+
+
+_CACHE_KEYWORD = (
+    "cache"
+    if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 24)
+    else "past_key_values"
+)
+
+
 @dataclass
 class LoadedModel:
     """A causal LM with its tokenizer, where its inputs go and how long its context is."""
 
     name: str
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None: another engine (vLLM) holds the weights
     tokenizer: PreTrainedTokenizerBase
     input_device: torch.device
     context_window: int | None
@@ -165,6 +180,10 @@ def context_window(model: PreTrainedModel) -> int | None:
     config = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
+    return _config_window(config)
+
+
+def _config_window(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -206,14 +225,17 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_models(config: FusionConfig) -> ModelSet:
-    """Load everything the config names, check vocabularies, attach LoRA adapters to the small base."""
+def load_models(config: FusionConfig, large_weights: bool = True) -> ModelSet:
+    """Load everything the config names, check vocabularies, attach LoRA adapters to the small base.
+
+    `large_weights=False`: the large model is only described (tokenizer, context window, logits
+    size), for a backend that runs it itself."""
     with quiet_loading():
-        return _load_models(config)
+        return _load_models(config, large_weights)
 
 
-def _load_models(config: FusionConfig) -> ModelSet:
-    large = shared_large_model(config.large)
+def _load_models(config: FusionConfig, large_weights: bool) -> ModelSet:
+    large = shared_large_model(config.large) if large_weights else describe_model(config.large)
     small = load_model(config.small, "small base")
     lora_specs = [e for e in config.experts if is_lora_adapter(e)]
     adapter_configs = {e.name: _read_adapter_config(e) for e in lora_specs}
@@ -261,8 +283,31 @@ def shared_large_model(spec: ModelSpec) -> LoadedModel:
         return loaded
 
 
+def describe_model(spec: ModelSpec, name: str = "large base") -> LoadedModel:
+    """A model's tokenizer, context window and logits size, read from its config without its
+    weights."""
+    _require_location(spec.path, name)
+    try:
+        config = AutoConfig.from_pretrained(
+            spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except Exception as err:  # a missing or damaged config.json
+        raise _load_error(spec, name, err) from err
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return LoadedModel(
+        name=name,
+        model=None,
+        tokenizer=load_tokenizer(spec, name),
+        input_device=torch.device(resolve_device(spec)),
+        context_window=_config_window(text),
+        logits_size=text.vocab_size,
+    )
+
+
 def _check_embeddings(loaded: LoadedModel, vocab_size: int) -> None:
     """Every id its tokenizer or the fused sampler can produce must have an input embedding."""
+    if loaded.model is None:
+        return  # its engine checks its own embeddings
     rows = loaded.model.get_input_embeddings().weight.shape[0]
     needed = max(len(loaded.tokenizer), vocab_size)
     if rows < needed:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..models import cache_argument
+
 
 def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
@@ -48,7 +50,7 @@ def proxy_tuning_generate(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                cache=c,
+                **cache_argument(c),
                 use_cache=True,
                 logits_to_keep=1,
             )
