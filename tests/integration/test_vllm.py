@@ -107,7 +107,10 @@ def test_a_request_joining_a_running_stream_equals_its_alone_output(hf_engine, v
     generation = rest[-1].generation
     assert generation.token_ids == hf_engine.generate(long_prompt, **settings)[0].token_ids
     assert len(generation.token_ids) == 40 and first
-    assert joined.token_ids == hf_engine.generate(PROMPT, experts=["trivia"], mode="static")[0].token_ids
+    assert (
+        joined.token_ids
+        == hf_engine.generate(PROMPT, experts=["trivia"], mode="static")[0].token_ids
+    )
 
 
 def test_32_concurrent_requests_equal_their_sequential_outputs(hf_engine, vllm_engine):
@@ -210,7 +213,9 @@ def test_openai_completions_equal_the_engine_with_usage(server, hf_engine):
             temperature=0,
             extra_body={"vllm_xargs": {"experts": experts, "fusion_mode": mode}},
         )
-        expected = hf_engine.generate(PROMPT, experts=experts, mode=mode, max_new_tokens=12, stop=[])
+        expected = hf_engine.generate(
+            PROMPT, experts=experts, mode=mode, max_new_tokens=12, stop=[]
+        )
         assert reply.choices[0].text == expected[0].text
         assert reply.usage.prompt_tokens == expected[0].prompt_tokens
         assert reply.usage.completion_tokens == len(expected[0].token_ids)
