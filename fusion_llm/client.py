@@ -135,6 +135,13 @@ class FusionClient:
         if compose not in COMPOSE_MODES:
             msg = f"compose must be one of {', '.join(COMPOSE_MODES)}, got {compose!r}"
             raise RequestError(msg)
+        if compose != "logits" and engine.config.backend == "vllm":
+            msg = (
+                f"compose={compose!r} merges each expert set into a new checkpoint run by its own "
+                "engine, which on the vllm backend would start one vLLM server per set; use "
+                'compose="logits" there (the experts fused jointly in logit space)'
+            )
+            raise RequestError(msg)
         self.engine = engine
         self.router = TaskRouter(engine, threshold, max_experts)
         self.compose = compose

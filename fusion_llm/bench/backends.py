@@ -20,10 +20,10 @@ from .families import family_config, random_prompts, write_family
 CONCURRENCY = (1, 8, 32)
 
 
-def backend_comparison(shape, sizes: dict, repeats: int, root: str, log) -> dict:
+def backend_comparison(shape, sizes: dict, device: str, repeats: int, root: str, log) -> dict:
     """Rows per (variant, concurrency) and the ratios the issue asks for."""
     paths = write_family(root, shape, 1)
-    config = family_config(paths, 1, "cpu")
+    config = family_config(paths, 1, device)
     hf = FusionEngine(config).load()
     vllm = FusionEngine({**config, "backend": "vllm", "vllm": {"kv_cache_gib": 1.0}})
     prompts = random_prompts(shape.vocab, [sizes["prompt_tokens"]] * max(CONCURRENCY), seed=0)

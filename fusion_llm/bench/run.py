@@ -463,7 +463,12 @@ def _run_backends(settings: BenchSettings, log) -> dict:
     for shape_name in settings.shapes:
         with tempfile.TemporaryDirectory() as root:
             results["backends"][shape_name] = backend_comparison(
-                SHAPES[shape_name], _shape_sizes(settings, shape_name), settings.repeats, root, log
+                SHAPES[shape_name],
+                _shape_sizes(settings, shape_name),
+                settings.device,
+                settings.repeats,
+                root,
+                log,
             )
     return results
 

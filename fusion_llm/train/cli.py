@@ -106,10 +106,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
+    from ..config import FusionConfig
     from ..engine import FusionEngine
     from .gate import gate_experts
 
-    engine = FusionEngine(args.config)
+    # Teacher-forced likelihoods read the large model's full-sequence logits: the HF models'.
+    config = FusionConfig.load(args.config)
+    engine = FusionEngine(config.model_copy(update={"backend": "hf"}))
     verdicts = gate_experts(
         engine, _names(args.experts), args.validation, limit=args.limit, batch_size=args.batch_size
     )

@@ -317,3 +317,68 @@ def test_serve_refuses_configs_vllm_cannot_host_before_starting(tmp_path, tiny_f
     assert "tensor_parallel_size 3 cannot split" in refused(split)
     mixed = {**_config("hf"), "small": {"path": str(Path(tiny_family["small"]))}, "experts": []}
     assert "vocabulary mismatch" in refused(mixed)
+
+
+def test_weight_composition_is_refused_on_the_vllm_backend(vllm_engine):
+    from fusion_llm.client import FusionClient
+    from fusion_llm.errors import RequestError
+
+    with pytest.raises(RequestError, match='use compose="logits"'):
+        FusionClient(vllm_engine, compose="weights")
+    assert FusionClient(vllm_engine).engine is vllm_engine
+
+
+def test_processor_follows_vllm_batch_moves_swaps_and_removals(monkeypatch):
+    """The processor's rows follow vLLM's persistent-batch indices: after a swap, a one-way move
+    and a removal, each request's fused row equals that of a processor holding it alone."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from fusion_llm.serving.processor import FusionLogitsProcessor
+
+    monkeypatch.setenv("FUSION_LLM_CONFIG", json.dumps(_config("hf")))
+    tokenizer = FusionEngine(_config("hf")).tokenizer
+    prompts = [tokenizer(q.prompt)["input_ids"] for q in load_task("trivia", "eval", 3)]
+    params = [
+        SamplingParams(extra_args={"experts": ["trivia"], "fusion_mode": "dynamic"}),
+        SamplingParams(extra_args={"experts": ["math", "trivia"], "fusion_mode": "static"}),
+        SamplingParams(extra_args={"experts": []}),
+    ]
+    outputs: list[list[int]] = [[], [], []]
+    generator = torch.Generator().manual_seed(0)
+    large_steps = [torch.randn(3, 2048, generator=generator) * 3 for _ in range(4)]
+
+    def processor() -> FusionLogitsProcessor:
+        return FusionLogitsProcessor(None, torch.device("cpu"), False)
+
+    shared = processor()
+    shared.update_state(
+        BatchUpdate(3, [], [(i, params[i], prompts[i], outputs[i]) for i in range(3)], [])
+    )
+    order = [0, 1, 2]  # request at each batch index
+    moves = [
+        None,
+        BatchUpdate(3, [], [], [(0, 1, MoveDirectionality.SWAP)]),
+        BatchUpdate(2, [0], [], [(2, 0, MoveDirectionality.UNIDIRECTIONAL)]),  # request 1 leaves
+        None,
+    ]
+    for step, large in enumerate(large_steps):
+        if moves[step] is not None:
+            shared.update_state(moves[step])
+            order = {1: [1, 0, 2], 2: [2, 0]}[step]
+        rows = torch.stack([large[r] for r in order])
+        fused = shared.apply(rows.clone())
+        for index, request in enumerate(order):
+            alone = processor()
+            history = list(outputs[request])
+            alone.update_state(
+                BatchUpdate(1, [], [(0, params[request], prompts[request], history)], [])
+            )
+            expected = alone.apply(large[request][None].clone())[0]
+            # cached steps vs one prefill: float order only (a wrong row differs by O(1))
+            torch.testing.assert_close(fused[index], expected, rtol=1e-3, atol=2e-3)
+            if request == 2:  # no experts: the large model's logits untouched
+                assert torch.equal(fused[index], large[2])
+        for index, request in enumerate(order):
+            outputs[request].append(int(fused[index].argmax()))
