@@ -36,14 +36,19 @@ from .request import Request, RowEvent, Submission, Ticket
 from .scheduler import Scheduler
 
 STOP_PAD = 2**31 - 1  # left padding of short rows for the stop check: no token's text
-_SHUTDOWN = object()  # queued at interpreter exit: an idle decoder ends before torch is torn down
-_batchers: weakref.WeakSet[ContinuousBatcher] = weakref.WeakSet()
+SHUTDOWN = object()  # queued at interpreter exit: an idle decoder ends before torch is torn down
+_decoders: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_decoders() -> None:
-    for batcher in list(_batchers):
-        batcher.stop()
+    for decoder in list(_decoders):
+        decoder.stop()
+
+
+def stop_at_exit(decoder) -> None:
+    """Call `decoder.stop()` at interpreter exit (a thread torch still runs in then aborts)."""
+    _decoders.add(decoder)
 
 
 @dataclass
@@ -106,13 +111,13 @@ class ContinuousBatcher:
         self._rows: list[LiveRow] = []  # in the state's row order
         self._row_ids = itertools.count()
         self._solvers: dict[tuple, AlphaSolver | None] = {}
-        _batchers.add(self)
+        stop_at_exit(self)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the decoder thread once it is idle (a thread torch still runs in at exit aborts)."""
         worker = self._worker
         if worker is not None and worker.is_alive():
-            self._incoming.put(_SHUTDOWN)
+            self._incoming.put(SHUTDOWN)
             worker.join(timeout_s)
 
     def submit(self, request: Request, put: Callable[[object], None]) -> Submission:
@@ -163,7 +168,7 @@ class ContinuousBatcher:
                     self._worker = None
                     return False
             return True
-        if first is _SHUTDOWN:
+        if first is SHUTDOWN:
             with self._lock:
                 self._worker = None
             return False
@@ -174,7 +179,7 @@ class ContinuousBatcher:
                 item = self._incoming.get(timeout=left)
             except queue.Empty:
                 break
-            if item is not _SHUTDOWN:
+            if item is not SHUTDOWN:
                 self._scheduler.add(item)
         return True
 
@@ -184,7 +189,7 @@ class ContinuousBatcher:
                 item = self._incoming.get_nowait()
             except queue.Empty:
                 return
-            if item is not _SHUTDOWN:  # busy at exit: the daemon thread ends with the process
+            if item is not SHUTDOWN:  # busy at exit: the daemon thread ends with the process
                 self._scheduler.add(item)
 
     # -- joining -------------------------------------------------------------------------------

@@ -10,38 +10,27 @@ with several devices (tensor parallelism) the workers are processes and alpha re
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import os
 import queue
 import threading
-import weakref
 from dataclasses import dataclass
 
-from ..batcher import typed_fault
+from ..batcher import SHUTDOWN, stop_at_exit, typed_fault
 from ..config import FusionConfig, GenerationSpec
 from ..decoding import GREEDY_TEMPERATURE
 from ..errors import DeviceError, FusionError, RequestError
 from ..models import resolve_device
 from ..request import RowEvent, Submission, Ticket
+from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
 from .launch import engine_arguments, vllm_environment
-from .trace import TRACE_KEY, TRACES, TRACES_LOCK
-
-_SHUTDOWN = object()
-_decoders: weakref.WeakSet[VllmDecoder] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_decoders() -> None:
-    for decoder in list(_decoders):
-        decoder.stop()
 
 
 @dataclass
 class _Row:
     ticket: Ticket
     local: int  # index within its request
-    trace: str
+    channel: RowChannel
     sent: int = 0  # tokens delivered
 
 
@@ -58,7 +47,7 @@ class VllmDecoder:
         self._start_error: FusionError | None = None
         self._rows: dict[str, _Row] = {}  # vLLM request id -> row
         self._ids = itertools.count()
-        _decoders.add(self)
+        stop_at_exit(self)
 
     def submit(self, request, put) -> Submission:
         """Queue a request; its events go to `put` as from the HF decoder."""
@@ -75,7 +64,7 @@ class VllmDecoder:
     def stop(self, timeout_s: float = 10.0) -> None:
         worker = self._worker
         if worker is not None and worker.is_alive():
-            self._incoming.put(_SHUTDOWN)
+            self._incoming.put(SHUTDOWN)
             worker.join(timeout_s)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -85,21 +74,20 @@ class VllmDecoder:
             if arrived is None:
                 return
             engine = self._started()
-            for ticket in arrived:
-                if engine is None:
-                    ticket.submission.fail(self._start_error)
-                else:
-                    self._add(engine, ticket)
-            if engine is None or not self._rows:
-                continue
-            self._abort_cancelled(engine)
             try:
+                for ticket in arrived:
+                    if engine is None:
+                        ticket.submission.fail(self._start_error)
+                    else:
+                        self._add(engine, ticket)
+                if engine is None or not self._rows:
+                    continue
+                self._abort_cancelled(engine)
                 with self._models_lock:
                     outputs = engine.step()
-            except BaseException as fault:  # noqa: BLE001 - fail what it holds, stay alive
+                self._deliver(outputs)
+            except BaseException as fault:  # noqa: BLE001 - fail what it holds, never hang
                 self._fail_all(engine, fault)
-                continue
-            self._deliver(outputs)
 
     def _wait(self, block: bool) -> list[Ticket] | None:
         """What arrived (waiting for something when idle); None at shutdown."""
@@ -109,7 +97,7 @@ class VllmDecoder:
                 item = self._incoming.get(block=block and not arrived)
             except queue.Empty:
                 return arrived
-            if item is _SHUTDOWN:
+            if item is SHUTDOWN:
                 return None
             arrived.append(item)
 
@@ -135,21 +123,27 @@ class VllmDecoder:
         try:
             for local in range(request.rows):
                 request_id = f"fusion-{next(self._ids)}"
+                row = request.row_prompt(local, 0)
+                channel = RowChannel(row.small, row.expert_prompts)
+                with CHANNELS_LOCK:
+                    CHANNELS[request_id] = channel
+                self._rows[request_id] = _Row(ticket, local, channel)
+                added.append(request_id)
                 params = _sampling_params(
                     request.spec,
                     ticket.seeds[local],
                     request.eos_ids,
-                    request.row_experts[local],
+                    row.experts,
                     request.mode,
                     request_id,
                 )
-                prompt = TokensPrompt(prompt_token_ids=request.tokens.large[local])
-                engine.add_request(request_id, prompt, params)
-                added.append(request_id)
-                self._rows[request_id] = _Row(ticket, local, request_id)
-        except (ValueError, TypeError) as err:  # vLLM's validation of the request
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.large), params)
+        except Exception as err:  # noqa: BLE001 - vLLM's validation, or a fault of its own
             self._forget(engine, added, abort=True)
-            ticket.submission.fail(RequestError(f"vLLM rejected the request: {err}"))
+            if isinstance(err, (ValueError, TypeError)):
+                ticket.submission.fail(RequestError(f"vLLM rejected the request: {err}"))
+            else:
+                ticket.submission.fail(typed_fault(err))
 
     def _abort_cancelled(self, engine) -> None:
         cancelled = [rid for rid, row in self._rows.items() if row.ticket.submission.finished]
@@ -159,9 +153,9 @@ class VllmDecoder:
     def _forget(self, engine, request_ids: list[str], abort: bool) -> None:
         if abort and request_ids:
             engine.abort_request(request_ids)
-        with TRACES_LOCK:
+        with CHANNELS_LOCK:
             for rid in request_ids:
-                TRACES.pop(rid, None)
+                CHANNELS.pop(rid, None)
                 self._rows.pop(rid, None)
 
     def _fail_all(self, engine, fault: BaseException) -> None:
@@ -180,9 +174,10 @@ class VllmDecoder:
                 continue  # aborted while in flight
             completion = output.outputs[0]
             tokens = list(completion.token_ids)
-            with TRACES_LOCK:
-                trace = TRACES.get(row.trace, {})
-                steps = [trace.pop(row.sent + i, ([], False)) for i in range(len(tokens))]
+            with CHANNELS_LOCK:
+                steps = [
+                    row.channel.steps.pop(row.sent + i, ([], False)) for i in range(len(tokens))
+                ]
             request = row.ticket.request
             batch = events.setdefault(id(row.ticket), (row.ticket, []))[1]
             for i, (token, (alpha, fallback)) in enumerate(zip(tokens, steps, strict=True)):
@@ -205,7 +200,7 @@ class VllmDecoder:
 
 def _start_engine(config: FusionConfig):
     os.environ.update(vllm_environment(config))
-    # In-process engine core and executor: the processor's alpha trace is read in this process.
+    # In-process engine core and executor: the processor's row channels live in this process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import EngineArgs, LLMEngine
 
@@ -225,7 +220,7 @@ def _sampling_params(
     eos_ids: set[int],
     experts: list[str],
     mode: str,
-    trace: str,
+    channel: str,
 ):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -241,7 +236,7 @@ def _sampling_params(
         stop_token_ids=sorted(eos_ids),
         ignore_eos=spec.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
-        extra_args={"experts": list(experts), "fusion_mode": mode, TRACE_KEY: trace},
+        extra_args={"experts": list(experts), "fusion_mode": mode, CHANNEL_KEY: channel},
     )
 
 

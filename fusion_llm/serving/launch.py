@@ -11,13 +11,14 @@ from ..errors import ConfigError
 from ..models import ModelSet, load_models
 
 PROCESSOR = "fusion_llm.serving.processor:FusionLogitsProcessor"
+CONFIG_ENV = "FUSION_LLM_CONFIG"  # the fusion config (a path or its JSON) for vLLM's processes
 
 
 def vllm_environment(config: FusionConfig) -> dict[str, str]:
     """Environment for vLLM's processes: the fusion config for the logits processor, and the V1
     model runner, whose logits-processor interface the processor implements (CPU workers use it
     anyway; GPU workers otherwise default to the V2 runner)."""
-    return {"FUSION_LLM_CONFIG": config.model_dump_json(), "VLLM_USE_V2_MODEL_RUNNER": "0"}
+    return {CONFIG_ENV: config.model_dump_json(), "VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 
 def engine_arguments(config: FusionConfig, device: str) -> dict[str, Any]:

@@ -33,13 +33,11 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from ..config import FusionConfig
 from ..decoding import RowPrompt, SmallPool, config_solver, fuse_rows
+from ..engine import MODES
 from ..errors import ConfigError
 from ..fusion import AlphaSolver
-from .launch import small_models
-from .trace import TRACE_KEY, TRACES, TRACES_LOCK
-
-CONFIG_ENV = "FUSION_LLM_CONFIG"
-MODES = ("none", "static", "paper", "dynamic")
+from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
+from .launch import CONFIG_ENV, small_models
 
 
 def fusion_config() -> FusionConfig:
@@ -91,7 +89,7 @@ class _Slot:
     mode: str
     prompt: list[int]
     output: list[int]  # vLLM's live list of the request's generated ids
-    trace: str | None
+    channel: RowChannel | None  # the in-process backend's: renderings in, alpha out
     read: int = 0  # tokens the pool has read for it (0: not in the pool)
 
     @property
@@ -126,9 +124,10 @@ class FusionLogitsProcessor(LogitsProcessor):
         for index, params, prompt, output in batch_update.added:
             self._vacate(index)
             experts, mode = request_options(params.extra_args, self.config)
-            trace = (params.extra_args or {}).get(TRACE_KEY)
+            with CHANNELS_LOCK:
+                channel = CHANNELS.get(str((params.extra_args or {}).get(CHANNEL_KEY)))
             self.slots[index] = _Slot(
-                self._next_row, experts, mode, list(prompt or []), output, trace
+                self._next_row, experts, mode, list(prompt or []), output, channel
             )
             self._next_row += 1
         for source, target, direction in batch_update.moved:
@@ -204,17 +203,28 @@ class FusionLogitsProcessor(LogitsProcessor):
         return self._solvers[key]
 
     def _record(self, slots: Sequence[_Slot], columns: list[str], step) -> None:
-        """Alpha and fallback of traced slots (one host read, only when a slot is traced)."""
-        traced = [(b, s) for b, s in enumerate(slots) if s.trace is not None]
+        """Alpha and fallback of slots with a channel (one host read, only when there is one)."""
+        traced = [(b, s) for b, s in enumerate(slots) if s.channel is not None]
         if not traced:
             return
         alpha, fallback = step.alpha.tolist(), step.fallback.tolist()
-        with TRACES_LOCK:
+        with CHANNELS_LOCK:
             for b, slot in traced:
                 own = [alpha[b][columns.index(e)] for e in slot.experts]
-                TRACES.setdefault(slot.trace, {})[len(slot.output)] = (own, fallback[b])
+                slot.channel.steps[len(slot.output)] = (own, fallback[b])
 
 
 def _row_prompt(slot: _Slot) -> RowPrompt:
-    ids = slot.prompt + list(slot.output)
-    return RowPrompt(row=slot.row, large=[], small=ids, experts=slot.experts)
+    """The slot as the small models read it: their prompt (the channel's renderings, else vLLM's
+    prompt), then the output so far."""
+    output = list(slot.output)
+    channel = slot.channel
+    small = channel.small if channel is not None else slot.prompt
+    renderings = channel.experts if channel is not None else {}
+    return RowPrompt(
+        row=slot.row,
+        large=[],
+        small=small + output,
+        experts=slot.experts,
+        expert_prompts={e: ids + output for e, ids in renderings.items() if e in slot.experts},
+    )

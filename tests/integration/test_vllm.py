@@ -335,13 +335,17 @@ def test_processor_follows_vllm_batch_moves_swaps_and_removals(monkeypatch):
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+    from fusion_llm.serving.channel import CHANNELS
     from fusion_llm.serving.processor import FusionLogitsProcessor
 
     monkeypatch.setenv("FUSION_LLM_CONFIG", json.dumps(_config("hf")))
     tokenizer = FusionEngine(_config("hf")).tokenizer
     prompts = [tokenizer(q.prompt)["input_ids"] for q in load_task("trivia", "eval", 3)]
     params = [
-        SamplingParams(extra_args={"experts": ["trivia"], "fusion_mode": "dynamic"}),
+        # a channel key no backend opened (as an HTTP client could send): nothing is recorded
+        SamplingParams(
+            extra_args={"experts": ["trivia"], "fusion_mode": "dynamic", "fusion_row": "x"}
+        ),
         SamplingParams(extra_args={"experts": ["math", "trivia"], "fusion_mode": "static"}),
         SamplingParams(extra_args={"experts": []}),
     ]
@@ -382,3 +386,17 @@ def test_processor_follows_vllm_batch_moves_swaps_and_removals(monkeypatch):
                 assert torch.equal(fused[index], large[2])
         for index, request in enumerate(order):
             outputs[request].append(int(fused[index].argmax()))
+    assert "x" not in CHANNELS
+
+
+def test_the_small_models_read_their_own_prompt_rendering(hf_engine, vllm_engine):
+    from fusion_llm import FusionPrompt
+
+    other = load_task("trivia", "eval", 2)[1].prompt
+    prompt = FusionPrompt(PROMPT, small=other)  # the small base and experts read another prompt
+    expected = hf_engine.generate(prompt, experts=["trivia"], mode="static")[0]
+    same_prompt = hf_engine.generate(PROMPT, experts=["trivia"], mode="static")[0]
+    assert expected.token_ids != same_prompt.token_ids  # the renderings matter here
+    got = vllm_engine.generate(prompt, experts=["trivia"], mode="static")[0]
+    assert got.token_ids == expected.token_ids
+    assert got.prompt_tokens == expected.prompt_tokens
