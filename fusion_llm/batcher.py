@@ -113,6 +113,9 @@ class ContinuousBatcher:
         self._solvers: dict[tuple, AlphaSolver | None] = {}
         stop_at_exit(self)
 
+    def start(self) -> None:
+        """Nothing to start ahead of the first request: the models load with the engine."""
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the decoder thread once it is idle (a thread torch still runs in at exit aborts)."""
         worker = self._worker

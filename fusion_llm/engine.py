@@ -166,8 +166,9 @@ class FusionEngine:
         return load_models(self.config)
 
     def load(self) -> FusionEngine:
-        """Load every model now (otherwise the first request does)."""
+        """Load every model now, and start vLLM on that backend (otherwise the first request does)."""
         _ = self.models
+        self._batcher.start()
         return self
 
     def exclusive(self) -> threading.RLock:

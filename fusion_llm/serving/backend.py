@@ -44,6 +44,7 @@ class VllmDecoder:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._engine = None
+        self._start_lock = threading.Lock()
         self._start_error: FusionError | None = None
         self._rows: dict[str, _Row] = {}  # vLLM request id -> row
         self._ids = itertools.count()
@@ -101,19 +102,25 @@ class VllmDecoder:
                 return None
             arrived.append(item)
 
+    def start(self) -> None:
+        """Start vLLM now (otherwise the first request does); raises what keeps it from starting."""
+        if self._started() is None:
+            raise self._start_error
+
     def _started(self):
         """vLLM's engine, started on first use (None if it cannot start: every request fails)."""
-        if self._engine is None and self._start_error is None:
-            try:
-                self._engine = _start_engine(self._config)
-            except FusionError as err:
-                self._start_error = err
-            except Exception as err:  # noqa: BLE001 - vLLM refuses with many exception types
-                self._start_error = DeviceError(
-                    f"vLLM could not start the large model ({type(err).__name__}: "
-                    f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''})"
-                )
-        return self._engine
+        with self._start_lock:
+            if self._engine is None and self._start_error is None:
+                try:
+                    self._engine = _start_engine(self._config)
+                except FusionError as err:
+                    self._start_error = err
+                except Exception as err:  # noqa: BLE001 - vLLM refuses with many exception types
+                    detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                    self._start_error = DeviceError(
+                        f"vLLM could not start the large model ({type(err).__name__}: {detail})"
+                    )
+            return self._engine
 
     def _add(self, engine, ticket: Ticket) -> None:
         from vllm import TokensPrompt

@@ -45,9 +45,7 @@ def hf_engine():
 
 @pytest.fixture(scope="module")
 def vllm_engine():
-    engine = FusionEngine(_config("vllm"))
-    engine.generate(PROMPT, experts=[], max_new_tokens=1)  # starts vLLM
-    return engine
+    return FusionEngine(_config("vllm")).load()  # the small models, then vLLM
 
 
 @pytest.mark.parametrize("mode", ["static", "paper", "dynamic"])
@@ -58,12 +56,20 @@ def test_vllm_tokens_equal_hf_tokens_on_50_prompts_per_task(hf_engine, vllm_engi
         got = vllm_engine.generate(prompts, experts=[task], mode=mode)
         same = [a.token_ids == b.token_ids for a, b in zip(expected, got, strict=True)]
         assert sum(same) / len(same) >= 0.95, (task, mode, sum(same))
+        steps = flips = 0
         for a, b, equal in zip(expected, got, same, strict=True):
-            if equal:  # the same tokens: the same alpha up to float order, the same ending
-                assert b.finish_reason == a.finish_reason and b.text == a.text
-                assert b.experts == [task] and b.mode == mode
-                for x, y in zip(a.alpha, b.alpha, strict=True):
-                    assert y == pytest.approx(x, abs=5e-3)
+            if not equal:
+                continue
+            # the same tokens: the same ending, and alpha equal up to float order, except that
+            # the paper grid may pick a neighbouring point where two points' losses tie
+            assert b.finish_reason == a.finish_reason and b.text == a.text
+            assert b.experts == [task] and b.mode == mode
+            for x, y in zip(a.alpha, b.alpha, strict=True):
+                steps += 1
+                if y != pytest.approx(x, abs=5e-3):
+                    assert mode == "paper" and abs(y[0] - x[0]) == pytest.approx(0.1), (x, y)
+                    flips += 1
+        assert flips <= 0.02 * steps, (task, mode, flips, steps)
 
 
 def test_per_row_experts_and_the_large_model_alone(hf_engine, vllm_engine):
