@@ -76,7 +76,8 @@ class RoutingDecision:
     # likelihood: each expert's gain over the small base (nats per prompt token); examples: similarity
     scores: dict[str, float] = field(default_factory=dict)
     scored_by: str = ""  # what `auto` scored with: "examples" or "likelihood"
-    # gate: experts whose verdict says fusion lowers the reference likelihood -> their gain
+    # gate: experts whose verdict says fusion does not help -> their gain (or, when the gain is
+    # positive, their specificity: right answers minus other rows' answers; see train/gate.py)
     refused: dict[str, float] = field(default_factory=dict)  # enforce: left out
     warned: dict[str, float] = field(default_factory=dict)  # warn: kept
 
@@ -93,7 +94,10 @@ class RoutingDecision:
         for action, experts in (("refused", self.refused), ("warns about", self.warned)):
             if experts:
                 listed = ", ".join(f"{n} ({g:+.3f} nats/token)" for n, g in experts.items())
-                text += f"; gate {action} {listed}: fusing lowers the validation likelihood"
+                text += (
+                    f"; gate {action} {listed}: fusing lowers the validation likelihood, or "
+                    "raises other rows' answers more than the right ones"
+                )
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -218,7 +222,9 @@ class TaskRouter:
         for name in decision.experts:
             measured = verdict(specs[name], config.large)
             if measured is not None and not measured["helps"]:
-                hurting[name] = measured["gain"]
+                # the failing number: the likelihood gain, else (gain >= 0) the specificity
+                low = measured["gain"] < 0 or measured.get("specificity") is None
+                hurting[name] = measured["gain"] if low else measured["specificity"]
         if not hurting:
             return decision
         if config.gate == "warn":

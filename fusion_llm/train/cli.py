@@ -118,9 +118,11 @@ def _gate(args: argparse.Namespace) -> int:
     )
     for name, v in verdicts.items():
         word = "helps" if v["helps"] else "HURTS"
+        specificity = "n/a" if v["specificity"] is None else f"{v['specificity']:+.4f}"
         print(
             f"{name}: {word}: fused {-v['fused_nll']:.4f} vs large alone {-v['large_nll']:.4f} "
-            f"nats/token ({v['gain']:+.4f}) on {v['rows']} rows; stored in {v['card']}"
+            f"nats/token ({v['gain']:+.4f}), specificity {specificity}, on {v['rows']} rows; "
+            f"stored in {v['card']}"
         )
     return 0
 

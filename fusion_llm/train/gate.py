@@ -10,8 +10,19 @@ solver, `dynamic` by default), so
     fused = sum_i log P~_i(y_i),    large = sum_i log P_i(y_i),
     gain  = (fused - large) / (reference tokens)      nats per token, over all rows,
 
-and the verdict is `helps = gain > 0`. It is stored in the expert's card (`card.py`) under the
-large model it was measured against; the router's gate reads it.
+and, because an expert can raise that likelihood by its answers' format alone (one trained on
+answers shuffled within its own task does, on the shipped family), the same gain is measured with
+each prompt paired with ANOTHER row's reference (the next row whose reference differs):
+
+    specificity = mean over rows of [ gain on the row's own reference - gain on the other one ],
+
+positive when fusion prefers the right answer to a well-formed wrong one. The verdict is
+`helps = gain >= 0 and specificity > 0` (specificity is not judged when all references are equal).
+It is stored in the expert's card (`card.py`) under the large model it was measured against; the
+router's gate reads it. Measured on the shipped family (40 eval rows per task), specificity of the
+shipped LoRA experts / of experts trained on within-task-shuffled answers: trivia +2.43 / -0.49,
+math +1.07 / -0.19, summary +1.31 / -0.04; on truthful and mc (option answers) it does not
+separate them (+0.09 / +0.09, -0.07 / -0.06).
 """
 
 from __future__ import annotations
@@ -63,10 +74,15 @@ def gate_experts(
         fused, large, tokens = reference_log_likelihoods(
             engine, name, prompts, references, mode, batch_size
         )
+        specificity = _specificity(
+            engine, name, prompts, references, fused - large, tokens, mode, batch_size
+        )
         count = float(tokens.sum())
         measured = {
-            "helps": bool(fused.sum() >= large.sum()),  # refused only when fusion lowers it
+            # refused when fusion lowers the references' likelihood, or raises a wrong answer's more
+            "helps": bool(fused.sum() >= large.sum()) and (specificity is None or specificity > 0),
             "gain": round(float(fused.sum() - large.sum()) / count, 5),
+            "specificity": None if specificity is None else round(specificity, 5),
             "fused_nll": round(-float(fused.sum()) / count, 5),
             "large_nll": round(-float(large.sum()) / count, 5),
             "rows_won": round(float((fused > large).float().mean()), 4),
@@ -82,6 +98,30 @@ def gate_experts(
             measured["card"] = str(store_verdict(spec, engine.config.large, measured))
         verdicts[name] = measured
     return verdicts
+
+
+def _specificity(engine, name, prompts, references, own_gain, tokens, mode, batch_size):
+    """Mean per-token gain on each row's own reference minus on the next differing reference;
+    None when every reference is the same."""
+    others = [_next_different(references, i) for i in range(len(references))]
+    rows = [i for i, j in enumerate(others) if j is not None]
+    if not rows:
+        return None
+    fused, large, counts = reference_log_likelihoods(
+        engine, name, [prompts[i] for i in rows], [references[others[i]] for i in rows],
+        mode, batch_size,
+    )  # fmt: skip
+    own = own_gain[rows] / tokens[rows].clamp(min=1)
+    other = (fused - large) / counts.clamp(min=1)
+    return float((own - other).mean())
+
+
+def _next_different(references: Sequence[Sequence[int]], i: int) -> int | None:
+    for step in range(1, len(references)):
+        j = (i + step) % len(references)
+        if list(references[j]) != list(references[i]):
+            return j
+    return None
 
 
 def rows_for(

@@ -41,6 +41,20 @@ def family(tmp_path_factory) -> dict[str, Path]:
     train_expert(
         zoo_path("small"), shuffled, folder / "harmful", TrainSettings(epochs=2), log=False
     )
+    # Trivia answers shuffled among trivia questions: the right format, the wrong facts. It raises
+    # the references' likelihood (the large base is off format), so only specificity catches it.
+    within = load_task("trivia", "train", 400)
+    answers = [e.target for e in within[1:] + within[:1]]
+    formatted = folder / "formatted.jsonl"
+    formatted.write_text(
+        "".join(
+            json.dumps({"prompt": q.prompt, "completion": a}) + "\n"
+            for q, a in zip(within, answers, strict=True)
+        )
+    )
+    train_expert(
+        zoo_path("small"), formatted, folder / "format_only", TrainSettings(epochs=2), log=False
+    )
     validation = folder / "validation.jsonl"
     validation.write_text(
         "".join(
@@ -50,6 +64,7 @@ def family(tmp_path_factory) -> dict[str, Path]:
     )
     return {
         "harmful": folder / "harmful",
+        "format_only": folder / "format_only",
         "validation": validation,
         "good_card": folder / "good.json",
     }
@@ -66,6 +81,7 @@ def config(family: dict[str, Path], gate: str) -> dict:
                 "card": str(family["good_card"]),
             },
             {"name": "harmful", "path": str(family["harmful"])},
+            {"name": "format_only", "path": str(family["format_only"])},
         ],
         "generation": {"max_new_tokens": 12, "stop": ["\n"]},
         "gate": gate,
@@ -86,6 +102,23 @@ def test_the_verdicts_tell_the_harmful_expert_from_the_good_one(verdicts, family
     assert list(stored["verdicts"].values())[0]["gain"] == verdicts["harmful"]["gain"]
     assert stored["examples"]  # train-expert's examples are kept next to the verdict
     assert Path(verdicts["trivia"]["card"]) == family["good_card"]
+
+
+def test_an_expert_with_the_right_format_and_wrong_answers_is_refused_by_specificity(
+    verdicts, family
+) -> None:
+    formatted, good = verdicts["format_only"], verdicts["trivia"]
+    assert formatted["gain"] > 0  # the likelihood alone would let it through
+    assert formatted["specificity"] < 0 < good["specificity"]
+    assert formatted["helps"] is False and good["helps"] is True
+    client = FusionClient(FusionEngine(config(family, "enforce")))
+    routed = client.generate(PROMPTS, [(["format_only", "trivia"], "call")] * len(PROMPTS))
+    fused = client.engine.generate(PROMPTS, experts=["trivia"])
+    for result, expected in zip(routed, fused, strict=True):
+        assert result.decision.experts == ["trivia"]
+        assert result.decision.refused == {"format_only": formatted["specificity"]}
+        assert "other rows' answers" in result.decision.reason
+        assert result.generation.token_ids == expected.token_ids
 
 
 def test_enforce_refuses_the_harmful_expert_and_the_output_is_the_large_model_alone(
