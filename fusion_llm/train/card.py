@@ -7,7 +7,7 @@ alone? The router reads both, so the `examples` route and the gate need no hand 
 
     {"name": ..., "kind": "lora" | "full", "small_base": ..., "examples": [...],
      "validation": "validation.jsonl" | null, "training": {...},
-     "verdicts": {<large model key>: {"helps": bool, "gain": nats per token, ...}}}
+     "verdicts": {<large model key>: {"helps": bool, "gain": nats per token, "specificity": ..., ...}}}
 """
 
 from __future__ import annotations
