@@ -80,7 +80,7 @@ def request_options(extra_args: dict | None, config: FusionConfig) -> tuple[list
     return ([] if mode == "none" else chosen), mode
 
 
-@dataclass
+@dataclass(eq=False)  # slots are compared by identity
 class _Slot:
     """One request of vLLM's persistent batch, as the small-model pool sees it."""
 
