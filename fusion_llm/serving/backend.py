@@ -44,7 +44,6 @@ class VllmDecoder:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._engine = None
-        self._start_lock = threading.Lock()
         self._start_error: FusionError | None = None
         self._rows: dict[str, _Row] = {}  # vLLM request id -> row
         self._ids = itertools.count()
@@ -53,14 +52,27 @@ class VllmDecoder:
     def submit(self, request, put) -> Submission:
         """Queue a request; its events go to `put` as from the HF decoder."""
         submission = Submission(put, 1)
+        self._queue(Ticket(request, 0, submission))
+        return submission
+
+    def start(self) -> None:
+        """Start vLLM now (otherwise the first request does); raises what keeps it from starting.
+        It starts on the decoder thread, like every later step: vLLM's CPU attention checks that
+        its metadata was built with the OpenMP thread count of the thread that runs it."""
+        started = threading.Event()
+        self._queue(started)
+        started.wait()
+        if self._engine is None:
+            raise self._start_error
+
+    def _queue(self, item) -> None:
         with self._lock:
-            self._incoming.put(Ticket(request, 0, submission))
+            self._incoming.put(item)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(
                     target=self._serve, name="fusion-llm-vllm", daemon=True
                 )
                 self._worker.start()
-        return submission
 
     def stop(self, timeout_s: float = 10.0) -> None:
         worker = self._worker
@@ -77,7 +89,9 @@ class VllmDecoder:
             engine = self._started()
             try:
                 for ticket in arrived:
-                    if engine is None:
+                    if isinstance(ticket, threading.Event):  # start(): vLLM is up (or refused)
+                        ticket.set()
+                    elif engine is None:
                         ticket.submission.fail(self._start_error)
                     else:
                         self._add(engine, ticket)
@@ -90,7 +104,7 @@ class VllmDecoder:
             except BaseException as fault:  # noqa: BLE001 - fail what it holds, never hang
                 self._fail_all(engine, fault)
 
-    def _wait(self, block: bool) -> list[Ticket] | None:
+    def _wait(self, block: bool) -> list | None:
         """What arrived (waiting for something when idle); None at shutdown."""
         arrived = []
         while True:
@@ -102,25 +116,19 @@ class VllmDecoder:
                 return None
             arrived.append(item)
 
-    def start(self) -> None:
-        """Start vLLM now (otherwise the first request does); raises what keeps it from starting."""
-        if self._started() is None:
-            raise self._start_error
-
     def _started(self):
         """vLLM's engine, started on first use (None if it cannot start: every request fails)."""
-        with self._start_lock:
-            if self._engine is None and self._start_error is None:
-                try:
-                    self._engine = _start_engine(self._config)
-                except FusionError as err:
-                    self._start_error = err
-                except Exception as err:  # noqa: BLE001 - vLLM refuses with many exception types
-                    detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-                    self._start_error = DeviceError(
-                        f"vLLM could not start the large model ({type(err).__name__}: {detail})"
-                    )
-            return self._engine
+        if self._engine is None and self._start_error is None:
+            try:
+                self._engine = _start_engine(self._config)
+            except FusionError as err:
+                self._start_error = err
+            except Exception as err:  # noqa: BLE001 - vLLM refuses with many exception types
+                detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                self._start_error = DeviceError(
+                    f"vLLM could not start the large model ({type(err).__name__}: {detail})"
+                )
+        return self._engine
 
     def _add(self, engine, ticket: Ticket) -> None:
         from vllm import TokensPrompt
