@@ -110,7 +110,6 @@ class ContinuousBatcher:
         self._state: ModelState | None = None
         self._rows: list[LiveRow] = []  # in the state's row order
         self._row_ids = itertools.count()
-        self._solvers: dict[tuple, AlphaSolver | None] = {}
         stop_at_exit(self)
 
     def start(self) -> None:
@@ -249,7 +248,7 @@ class ContinuousBatcher:
             [r.experts for r in rows],
             [r.ticket.request.mode for r in rows],
             columns,
-            self._solver,
+            self._solver_for,
         )
         tokens = sample_rows(fused.logits, [r.sampler for r in rows])
         # The step's one host read: tokens (exact in float32 below 2**24 ids), flags and alpha.
@@ -349,9 +348,3 @@ class ContinuousBatcher:
             tickets[0].submission.fail(typed_fault(fault))
             return
         self._scheduler.readmit_alone([t for t in tickets if not t.submission.finished])
-
-    def _solver(self, mode: str, columns: list[str]) -> AlphaSolver | None:
-        key = (mode, tuple(columns))
-        if key not in self._solvers:
-            self._solvers[key] = self._solver_for(mode, columns)
-        return self._solvers[key]

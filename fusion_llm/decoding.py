@@ -320,18 +320,27 @@ def fuse_rows(
     return _scatter(parts, len(rows), len(columns), large)
 
 
-def config_solver(config: FusionConfig, mode: str, experts: list[str]) -> AlphaSolver | None:
-    """The alpha solver of `mode` over `experts` with the config's weights and bounds."""
-    fusion = config.fusion
-    weights = {e.name: e.alpha for e in config.experts}
-    return make_solver(
-        mode,
-        torch.tensor([weights[e] for e in experts]),
-        fusion.alpha_min,
-        fusion.alpha_max,
-        fusion.grid_step,
-        fusion.newton_steps,
-    )
+class ConfigSolvers:
+    """The alpha solver of each (mode, experts) under one config's weights and bounds, built once."""
+
+    def __init__(self, config: FusionConfig):
+        self.config = config
+        self._built: dict[tuple[str, tuple[str, ...]], AlphaSolver | None] = {}
+
+    def __call__(self, mode: str, experts: list[str]) -> AlphaSolver | None:
+        key = (mode, tuple(experts))
+        if key not in self._built:
+            fusion = self.config.fusion
+            weights = {e.name: e.alpha for e in self.config.experts}
+            self._built[key] = make_solver(
+                mode,
+                torch.tensor([weights[e] for e in experts]),
+                fusion.alpha_min,
+                fusion.alpha_max,
+                fusion.grid_step,
+                fusion.newton_steps,
+            )
+        return self._built[key]
 
 
 def _scatter(parts, batch: int, width: int, like: Tensor) -> FusedStep:

@@ -13,7 +13,6 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from .batcher import ContinuousBatcher
 from .config import FusionConfig, FusionMode, GenerationSpec
-from .decoding import config_solver
+from .decoding import ConfigSolvers
 from .errors import ContextWindowError, RequestError, UnknownExpertError
 from .models import LoadedModel, ModelSet, load_models
 from .request import DONE, PromptBatch, Request
@@ -143,7 +142,7 @@ class FusionEngine:
         batching = self.config.batching
         return ContinuousBatcher(
             lambda: self.models,
-            partial(config_solver, self.config),
+            ConfigSolvers(self.config),
             self._run_lock,
             batching.window_ms / 1000,
             batching.max_rows,
@@ -352,26 +351,10 @@ class FusionEngine:
         return [self._expert_list(e) for e in experts]
 
     def _expert_list(self, experts: Sequence[str] | str | None) -> list[str]:
-        if experts is None:
-            return list(self.expert_names)
-        if isinstance(experts, str):
-            experts = [experts]
-        if not isinstance(experts, Sequence) or not all(isinstance(e, str) for e in experts):
-            msg = f"experts must be expert names, a list of them, or one list per prompt; got {experts!r}"
-            raise RequestError(msg)
-        unknown = [e for e in experts if e not in self.expert_names]
-        if unknown:
-            known = ", ".join(self.expert_names) or "none configured"
-            msg = f"unknown expert(s) {', '.join(map(repr, unknown))}; configured experts: {known}"
-            raise UnknownExpertError(msg)
-        return list(dict.fromkeys(experts))
+        return expert_list(experts, self.expert_names)
 
     def _resolve_mode(self, mode: str | None) -> str:
-        mode = mode or self.config.fusion.mode
-        if mode not in MODES:
-            msg = f"unknown fusion mode {mode!r}; use one of {', '.join(MODES)}"
-            raise RequestError(msg)
-        return mode
+        return fusion_mode(mode, self.config.fusion.mode)
 
     def _tokenize(
         self, batch: list[FusionPrompt], chosen: list[str], spec: GenerationSpec
@@ -419,6 +402,34 @@ class FusionEngine:
             + (" or set truncate_prompt=True" if room > 0 else f" below {window}")
         )
         raise ContextWindowError(msg)
+
+
+def expert_list(experts: Sequence[str] | str | None, configured: Sequence[str]) -> list[str]:
+    """The experts a request names (None: every configured one), each once; typed errors."""
+    if experts is None:
+        return list(configured)
+    if isinstance(experts, str):
+        experts = [experts]
+    if not isinstance(experts, Sequence) or not all(isinstance(e, str) for e in experts):
+        msg = (
+            f"experts must be expert names, a list of them, or one list per prompt; got {experts!r}"
+        )
+        raise RequestError(msg)
+    unknown = [e for e in experts if e not in configured]
+    if unknown:
+        known = ", ".join(configured) or "none configured"
+        msg = f"unknown expert(s) {', '.join(map(repr, unknown))}; configured experts: {known}"
+        raise UnknownExpertError(msg)
+    return list(dict.fromkeys(experts))
+
+
+def fusion_mode(mode: str | None, default: str) -> str:
+    """The fusion mode a request names (None: the config's); RequestError if unknown."""
+    mode = mode or default
+    if mode not in MODES:
+        msg = f"unknown fusion mode {mode!r}; use one of {', '.join(MODES)}"
+        raise RequestError(msg)
+    return mode
 
 
 def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChunk]:

@@ -23,7 +23,7 @@ from ..errors import DeviceError, FusionError, RequestError
 from ..models import resolve_device
 from ..request import RowEvent, Submission, Ticket
 from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
-from .launch import engine_arguments, vllm_environment
+from .launch import check_hostable, engine_arguments, vllm_environment
 
 
 @dataclass
@@ -46,6 +46,7 @@ class VllmDecoder:
         self._engine = None
         self._start_error: FusionError | None = None
         self._rows: dict[str, _Row] = {}  # vLLM request id -> row
+        self._rows_left: dict[int, int] = {}  # id(ticket) -> its rows still in vLLM
         self._ids = itertools.count()
         stop_at_exit(self)
 
@@ -143,6 +144,7 @@ class VllmDecoder:
                 with CHANNELS_LOCK:
                     CHANNELS[request_id] = channel
                 self._rows[request_id] = _Row(ticket, local, channel)
+                self._rows_left[id(ticket)] = local + 1
                 added.append(request_id)
                 params = _sampling_params(
                     request.spec,
@@ -171,7 +173,11 @@ class VllmDecoder:
         with CHANNELS_LOCK:
             for rid in request_ids:
                 CHANNELS.pop(rid, None)
-                self._rows.pop(rid, None)
+                row = self._rows.pop(rid, None)
+                if row is not None:
+                    self._rows_left[id(row.ticket)] -= 1
+                    if not self._rows_left[id(row.ticket)]:
+                        del self._rows_left[id(row.ticket)]
 
     def _fail_all(self, engine, fault: BaseException) -> None:
         error = typed_fault(fault)
@@ -198,8 +204,6 @@ class VllmDecoder:
             for i, (token, (alpha, fallback)) in enumerate(zip(tokens, steps, strict=True)):
                 last = output.finished and i == len(tokens) - 1
                 reason = _finish_reason(completion, token, request.eos_ids) if last else None
-                if not request.row_experts[row.local]:
-                    alpha = []
                 batch.append(RowEvent(row.local, token, alpha, fallback, reason))
             row.sent += len(tokens)
             if output.finished:
@@ -209,7 +213,7 @@ class VllmDecoder:
         for rid in ended:
             ticket = self._rows[rid].ticket
             self._forget(None, [rid], abort=False)
-            if not any(r.ticket is ticket for r in self._rows.values()):
+            if id(ticket) not in self._rows_left:
                 ticket.submission.part_done()
 
 
@@ -218,8 +222,6 @@ def _start_engine(config: FusionConfig):
     # In-process engine core and executor: the processor's row channels live in this process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import EngineArgs, LLMEngine
-
-    from .launch import check_hostable
 
     check_hostable(config)
     arguments = engine_arguments(config, resolve_device(config.large))

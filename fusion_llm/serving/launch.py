@@ -64,10 +64,11 @@ def small_models(config_json: str) -> ModelSet:
     return load_models(FusionConfig.model_validate_json(config_json), large_weights=False)
 
 
-def check_hostable(config: FusionConfig) -> ModelSet:
-    """Load the small models (vocabularies checked against the large tokenizer) and refuse a
-    tensor-parallel size the large model's heads cannot be split by; the models, for reuse."""
-    models = small_models(config.model_dump_json())
+def check_hostable(config: FusionConfig) -> None:
+    """Load the small models (vocabularies checked against the large tokenizer; kept for the
+    processor in this process) and refuse a tensor-parallel size the large model's heads cannot
+    be split by."""
+    small_models(config.model_dump_json())
     size = config.vllm.tensor_parallel_size
     if size > 1:
         from transformers import AutoConfig
@@ -86,4 +87,3 @@ def check_hostable(config: FusionConfig) -> ModelSet:
                 "it, and key/value heads divide by it or it by them); choose a size that does"
             )
             raise ConfigError(msg)
-    return models

@@ -32,10 +32,9 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from ..config import FusionConfig
-from ..decoding import RowPrompt, SmallPool, config_solver, fuse_rows
-from ..engine import MODES
-from ..errors import ConfigError
-from ..fusion import AlphaSolver
+from ..decoding import ConfigSolvers, RowPrompt, SmallPool, fuse_rows
+from ..engine import expert_list, fusion_mode
+from ..errors import ConfigError, RequestError
 from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
 from .launch import CONFIG_ENV, small_models
 
@@ -58,26 +57,18 @@ def _config_from(source: str) -> FusionConfig:
 
 
 def request_options(extra_args: dict | None, config: FusionConfig) -> tuple[list[str], str]:
-    """(experts, mode) of one request; ValueError (vLLM's 400) for anything unknown."""
+    """(experts, mode) of one request, validated as the engine validates its calls; the errors
+    are ValueErrors, which vLLM answers with a 400."""
     extra = extra_args or {}
-    names = config.expert_names
-    mode = extra.get("fusion_mode", config.fusion.mode)
-    if mode not in MODES:
-        msg = f"unknown fusion_mode {mode!r}; use one of {', '.join(MODES)}"
-        raise ValueError(msg)
-    experts = extra.get("experts", names)
-    if isinstance(experts, str):
-        experts = [experts]
-    if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
-        msg = f"experts must be a list of expert names, got {experts!r}"
-        raise ValueError(msg)
-    unknown = [e for e in experts if e not in names]
-    if unknown:
-        known = ", ".join(names) or "none configured"
-        msg = f"unknown expert(s) {', '.join(map(repr, unknown))}; configured experts: {known}"
-        raise ValueError(msg)
-    chosen = [e for e in names if e in experts]  # config order: alpha's columns
-    return ([] if mode == "none" else chosen), mode
+    try:
+        mode = fusion_mode(extra.get("fusion_mode"), config.fusion.mode)
+    except RequestError as err:
+        raise RequestError(f"vllm_xargs.fusion_mode: {err}") from None
+    try:
+        experts = expert_list(extra.get("experts"), config.expert_names)
+    except RequestError as err:
+        raise type(err)(f"vllm_xargs.experts: {err}") from None
+    return ([] if mode == "none" else experts), mode
 
 
 @dataclass(eq=False)  # slots are compared by identity
@@ -111,7 +102,7 @@ class FusionLogitsProcessor(LogitsProcessor):
         self.slots: dict[int, _Slot] = {}  # batch index -> slot
         self.leaving: set[int] = set()  # pool rows of requests that left the batch
         self._next_row = 0
-        self._solvers: dict[tuple[str, tuple[str, ...]], AlphaSolver | None] = {}
+        self._solvers = ConfigSolvers(self.config)
 
     def is_argmax_invariant(self) -> bool:
         return False  # fusion changes which token is most likely
@@ -154,19 +145,19 @@ class FusionLogitsProcessor(LogitsProcessor):
         if not fused:
             return logits
         index = torch.tensor([i for i, _ in fused], device=logits.device)
+        rows = logits[index]  # one gather: fused from, then overwritten and scattered back
         slots = [s for _, s in fused]
         columns = list(dict.fromkeys(e for s in slots for e in s.experts))
         step = fuse_rows(
-            logits[index],
+            rows,
             self.pool,
             [s.row for s in slots],
             [s.experts for s in slots],
             [s.mode for s in slots],
             columns,
-            self._solver,
+            self._solvers,
         )
         vocab = self.models.vocab_size
-        rows = logits[index]
         rows[:, :vocab] = step.logits.to(rows)
         rows[:, vocab:] = -torch.inf  # ids beyond the common vocabulary: no fused probability
         logits[index] = rows
@@ -195,12 +186,6 @@ class FusionLogitsProcessor(LogitsProcessor):
             self.pool.merge(fresh)
             for s in joining:
                 s.read = s.tokens
-
-    def _solver(self, mode: str, columns: list[str]) -> AlphaSolver | None:
-        key = (mode, tuple(columns))
-        if key not in self._solvers:
-            self._solvers[key] = config_solver(self.config, mode, columns)
-        return self._solvers[key]
 
     def _record(self, slots: Sequence[_Slot], columns: list[str], step) -> None:
         """Alpha and fallback of slots with a channel (one host read, only when there is one)."""

@@ -46,7 +46,7 @@ def _flag(key: str, value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, bool):
-        return [name if value else f"--no-{key.replace('_', '-')}"]
+        return [name if value else f"--no-{name[2:]}"]
     if isinstance(value, (list, tuple)):
         return [name, *map(str, value)]
     if isinstance(value, dict):
