@@ -1,21 +1,22 @@
 """`train_expert`: fine-tune the small base on JSONL rows into an expert that fusion-llm can load.
 
-transformers' `Trainer` runs the optimisation (AdamW, warmup + cosine schedule, gradient clipping,
-seeding, CPU or CUDA placement, mixed precision on GPUs) and peft makes the LoRA; this module only
+transformers' `Trainer` runs the optimisation (the training loop, gradient clipping, seeding, CPU or
+CUDA placement, mixed precision on GPUs, loss logging) and peft makes the LoRA; this module only
 turns rows into token ids with the loss on the completion tokens (prompt tokens are labelled -100),
-shows a progress bar with the loss and ETA, and writes the expert: safetensors weights (the adapter,
-or the whole model with `full`), the tokenizer, and its card (`card.py`) with a sample of the
-training prompts as its `examples`.
+hands the Trainer the recipe's data order, optimiser and schedule (`recipe.py`), shows a progress bar
+with the loss and ETA, and writes the expert: safetensors weights (the adapter, or the whole model
+with `full`), the tokenizer, and its card (`card.py`) with a sample of the training prompts as its
+`examples`.
 
-Defaults are the recipe that trained the shipped family's experts (`fusion_llm/zoo/train.py`):
-LoRA rank 16, alpha 32 on every linear layer, 3 epochs, batch 16, lr 2e-3 (LoRA) / 5e-4 (full),
-weight decay 0.01, Adam betas (0.9, 0.98), 5 % warmup, cosine decay to 10 %, gradient norm 1.
+Defaults are the recipe that trained the shipped family's experts (`fusion_llm/zoo/train.py` uses
+the same `recipe.py`): LoRA rank 16, alpha 32 on every linear layer, 3 epochs, batch 16, lr 2e-3
+(LoRA) / 5e-4 (full), weight decay 0.01, 5 % warmup, cosine decay to 10 %, gradient norm 1. So the
+zoo's task data and an expert's seed (`zoo.json`) rebuild that expert.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import tempfile
@@ -27,12 +28,14 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..config import ModelSpec
 from ..errors import DataError, RequestError
 from ..models import load_model
+from . import recipe
 from .card import CARD_FILE, write_card
 from .data import Record, read_jsonl, render
 
@@ -122,13 +125,23 @@ def train_expert(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    steps = math.ceil(len(features) / settings.batch_size) * math.ceil(settings.epochs)
+    batches = recipe.epoch_batches(
+        len(features), settings.batch_size, settings.epochs, settings.seed
+    )
+    steps = len(batches)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimiser = recipe.optimiser(
+        trained, settings.learning_rate, settings.weight_decay, steps,
+        recipe.warmup_steps(steps, settings.warmup),
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(
+        trainer = _RecipeTrainer(
+            batches,
             model=model,
             args=_arguments(settings, scratch, spec.device, steps),
             train_dataset=features,
             data_collator=_Collator(tokenizer.pad_token_id),
+            optimizers=optimiser,
         )
         trainer.remove_callback(PrinterCallback)  # the bar below shows the loss instead
         if log is None or log:
@@ -227,21 +240,33 @@ class _Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class _RecipeTrainer(Trainer):
+    """A `Trainer` whose steps read the recipe's batches (`recipe.epoch_batches`), in order."""
+
+    def __init__(self, batches: list[list[int]], **kwargs):
+        super().__init__(**kwargs)
+        self.batches = batches
+
+    def get_train_dataloader(self) -> DataLoader:
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batches,
+            collate_fn=self.data_collator,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+
 def _arguments(settings: TrainSettings, scratch: str, device: str, steps: int) -> TrainingArguments:
+    """The loop's settings; the optimiser, schedule and batches come from `recipe` instead."""
     on_gpu = device.startswith("cuda")
     return TrainingArguments(
         output_dir=scratch,
-        num_train_epochs=settings.epochs,
+        max_steps=steps,  # every epoch is in the recipe's batches: the Trainer makes one pass
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        adam_beta2=0.98,
         max_grad_norm=1.0,
-        warmup_steps=max(1, round(settings.warmup * steps)) if settings.warmup else 0,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1},
         seed=settings.seed,
-        data_seed=settings.seed,
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         logging_steps=max(1, steps // 50),

@@ -44,7 +44,9 @@ def zoo_path(name: str, models_dir: Path = MODELS_DIR) -> Path:
 
 
 def zoo_info(models_dir: Path = MODELS_DIR) -> list[dict]:
-    """One row per model the last build made: name, kind, base, task, params, train seconds."""
+    """One row per model the last build made: name, kind, base, task, seed, params, train seconds.
+
+    `seed` is None in a manifest written before builds recorded it."""
     models = read_manifest(models_dir)["models"]
     return [
         {
@@ -61,6 +63,7 @@ def zoo_info(models_dir: Path = MODELS_DIR) -> list[dict]:
                     "shipped",
                 )
             },
+            "seed": m.get("seed"),
         }
         for name, m in models.items()
     ]

@@ -83,6 +83,7 @@ def train_baselines(baselines_dir: str | Path, models_dir: str | Path) -> dict[s
         trained[name] = {
             "kind": "lora" if lora else "full",
             "task": task,
+            "seed": seed + offset,
             "train_seconds": round(seconds, 1),
             "path": str((baselines_dir / name).resolve()),
         }
@@ -115,6 +116,7 @@ def build_zoo(
         kind: str,
         base: str | None,
         task: str | None,
+        model_seed: int,
         seconds: float,
         directory: Path,
         shipped: bool = True,
@@ -125,6 +127,7 @@ def build_zoo(
             "kind": kind,
             "base": base,
             "task": task,
+            "seed": model_seed,  # with the task's train split, what rebuilds it (train-expert --seed)
             "params": param_count(model),
             "trainable_params": trainable,
             "train_seconds": round(seconds, 1),
@@ -147,7 +150,8 @@ def build_zoo(
             spec.pretrain_lr[name],
             f"pretrain {name}",
         )
-        record(name, model, "base", None, None, time.perf_counter() - start, out_dir / name)
+        seconds = time.perf_counter() - start
+        record(name, model, "base", None, None, seed + i, seconds, out_dir / name)
         manifest["models"][name]["final_loss"] = round(loss, 4)
         manifest["probe"][name] = probe(model, tokenizer, world, spec.n_eval)
         write_manifest(out_dir, manifest)
@@ -162,5 +166,6 @@ def build_zoo(
             bases[base], train_sets[task], tokenizer, spec, lora, seed + offset, f"finetune {name}"
         )
         directory = out_dir / name if shipped else Path(baselines_dir) / name
-        record(name, model, "lora" if lora else "full", base, task, seconds, directory, shipped)
+        kind = "lora" if lora else "full"
+        record(name, model, kind, base, task, seed + offset, seconds, directory, shipped)
     return manifest

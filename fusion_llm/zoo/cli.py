@@ -1,4 +1,4 @@
-"""`fusion-llm zoo build`, `zoo info` and `zoo config`; `register` plugs them into the main CLI.
+"""`fusion-llm zoo build`, `info`, `config` and `export`; `register` plugs them into the main CLI.
 
 Registering imports no torch: the build recipe is imported when `zoo build` runs.
 """
@@ -6,13 +6,16 @@ Registering imports no torch: the build recipe is imported when `zoo build` runs
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 from pathlib import Path
 
 import yaml
 
 from fusion_llm.errors import RequestError
 from fusion_llm.zoo import DEFAULT_EXPERT_KIND, MODELS_DIR, zoo_config, zoo_info, zoo_path
+from fusion_llm.zoo.manifest import read_manifest
 from fusion_llm.zoo.task_families import TASKS
 
 
@@ -61,6 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     config.set_defaults(run=_config)
 
+    export = commands.add_parser(
+        "export",
+        help="write a task's train or eval split as JSONL rows (for train-expert, gate and eval)",
+        formatter_class=DefaultsFormatter,
+    )
+    export.add_argument("task", choices=TASKS)
+    export.add_argument("--split", choices=["train", "eval"], default="train")
+    export.add_argument("--n", type=int, help="only the first n rows (default: the whole split)")
+    export.add_argument("--out", type=Path, help="JSONL file (default: stdout)")
+    export.add_argument("--dir", type=Path, default=MODELS_DIR, help="the zoo whose data it is")
+    export.set_defaults(run=_export)
+
 
 def _build(args: argparse.Namespace) -> int:
     from fusion_llm.zoo.build import DEFAULT_BASELINES_DIR, build_zoo
@@ -75,13 +90,36 @@ def _build(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     rows = zoo_info(args.dir)
-    print(f"{'name':<22} {'kind':<5} {'base':<6} {'task':<9} {'params':>10} {'train s':>8}  folder")
+    print(
+        f"{'name':<22} {'kind':<5} {'base':<6} {'task':<9} {'seed':>4} {'params':>10} "
+        f"{'train s':>8}  folder"
+    )
     for r in rows:
         folder = zoo_path(r["name"], args.dir) if r["shipped"] else "(not shipped)"
+        seed = "-" if r["seed"] is None else r["seed"]
         print(
             f"{r['name']:<22} {r['kind']:<5} {r['base'] or '-':<6} {r['task'] or '-':<9} "
-            f"{r['params']:>10,} {r['train_seconds']:>8.1f}  {folder}"
+            f"{seed:>4} {r['params']:>10,} {r['train_seconds']:>8.1f}  {folder}"
         )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """The split the build trained (or evaluates) on, regenerated from the zoo's scale and seed."""
+    from fusion_llm.eval.tasks import load_task
+
+    if args.n is not None and args.n < 1:
+        raise RequestError(f"--n must be at least 1, got {args.n}")
+    manifest = read_manifest(args.dir)
+    examples = load_task(args.task, args.split, args.n, manifest["scale"], manifest["seed"])
+    lines = "".join(
+        json.dumps({"prompt": e.prompt, "completion": e.target}) + "\n" for e in examples
+    )
+    if args.out is None:
+        sys.stdout.write(lines)
+    else:
+        args.out.write_text(lines, encoding="utf-8")
+        print(f"wrote {len(examples)} {args.task} {args.split} rows to {args.out}", file=sys.stderr)
     return 0
 
 

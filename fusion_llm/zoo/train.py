@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from fusion_llm.train import recipe
 from fusion_llm.zoo.corpus import pretraining_stream
 from fusion_llm.zoo.scales import ModelSize, Scale
 from fusion_llm.zoo.task_families import TaskExample
@@ -27,6 +27,8 @@ from fusion_llm.zoo.world import World
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100  # label of tokens that carry no loss
+WEIGHT_DECAY = 0.01
+WARMUP_SHARE = 0.05
 
 
 def new_base(
@@ -53,14 +55,6 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then cosine decay to 10 % of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _packed_batches(
     world: World, tokenizer: PreTrainedTokenizerFast, batch_size: int, seq_len: int
 ) -> Iterator[torch.Tensor]:
@@ -79,9 +73,8 @@ def _optimise(
 ) -> float:
     """AdamW over `steps` batches; returns the mean loss of the last 10 % of steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _schedule(s, steps, max(1, steps // 20))
+    optimizer, scheduler = recipe.optimiser(
+        params, lr, WEIGHT_DECAY, steps, recipe.warmup_steps(steps, WARMUP_SHARE)
     )
     model.train()
     tail: list[float] = []
@@ -131,21 +124,17 @@ def _finetune_batches(
 ) -> Iterator[dict]:
     """Right-padded batches whose labels cover only the target tokens and the closing EOS."""
     encoded = [_example_ids(e, tokenizer) for e in examples]
-    rng = random.Random(seed)
-    for _ in range(epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            rows = [encoded[j] for j in order[i : i + batch_size]]
-            width = max(len(ids) for ids, _ in rows)
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, S]
-            labels = torch.full((len(rows), width), IGNORE)  # [B, S]
-            mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
-            for r, (row_ids, row_labels) in enumerate(rows):
-                ids[r, : len(row_ids)] = torch.tensor(row_ids)
-                labels[r, : len(row_labels)] = torch.tensor(row_labels)
-                mask[r, : len(row_ids)] = 1
-            yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for batch in recipe.epoch_batches(len(encoded), batch_size, epochs, seed):
+        rows = [encoded[j] for j in batch]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, S]
+        labels = torch.full((len(rows), width), IGNORE)  # [B, S]
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
+        for r, (row_ids, row_labels) in enumerate(rows):
+            ids[r, : len(row_ids)] = torch.tensor(row_ids)
+            labels[r, : len(row_labels)] = torch.tensor(row_labels)
+            mask[r, : len(row_ids)] = 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def finetune(

@@ -15,6 +15,7 @@ from fusion_llm.cli import main
 from fusion_llm.eval.baselines import load_committed
 from fusion_llm.eval.tasks import TASKS, load_task
 from fusion_llm.tiny import family_config
+from fusion_llm.train.data import read_jsonl
 from fusion_llm.zoo import MODELS_DIR, read_manifest
 
 
@@ -210,3 +211,15 @@ def test_zoo_info_prints_every_shipped_models_folder(capsys):
     folders = {line.split()[0]: line.split()[-1] for line in rows}
     assert all(Path(folders[name]) == MODELS_DIR / name for name in shipped)
     assert all(Path(folders[name]).is_dir() for name in shipped)
+
+
+def test_zoo_export_writes_a_tasks_split_as_rows_train_expert_reads(capsys, tmp_path):
+    assert main(["zoo", "export", "math", "--split", "eval", "--n", "3"]) == 0
+    out = tmp_path / "math.jsonl"
+    out.write_text(capsys.readouterr().out)
+    expected = load_task("math", "eval", 3)
+    assert [(r.prompt, r.completion) for r in read_jsonl(out)] == [
+        (e.prompt, e.target) for e in expected
+    ]
+    assert main(["zoo", "export", "math", "--n", "0"]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err

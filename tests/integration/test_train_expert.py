@@ -4,21 +4,26 @@ seeded, that the loss is on completions only, and that the engine and router use
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_llm import FusionEngine
 from fusion_llm.cli import main
 from fusion_llm.errors import DataError
+from fusion_llm.eval.tasks import load_task
 from fusion_llm.router import TaskRouter
 from fusion_llm.tiny import family_config
 from fusion_llm.train import TrainSettings, train_expert
 from fusion_llm.train.card import CARD_FILE
 from fusion_llm.train.data import Record
 from fusion_llm.train.trainer import IGNORE, _features
+from fusion_llm.zoo.scales import get_scale
+from fusion_llm.zoo.train import finetune
 
 FAST = TrainSettings(epochs=2, batch_size=4, examples=3)
 CITIES = ["Paris", "Rome", "the Nile", "the Tiber"]
@@ -178,3 +183,41 @@ def test_the_cli_trains_an_expert_and_reports_bad_rows_on_one_line(tiny_family, 
     ]
     assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
     assert "bad.jsonl, line 2: `completion` must be a non-empty string" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("expert", "full"), [("small-trivia-lora", False), ("small-math", True)])
+def test_a_zoo_experts_export_and_seed_rebuild_it_with_the_zoos_own_recipe(
+    toy_zoo, tmp_path, expert: str, full: bool
+):
+    """`zoo export` + the seed in zoo.json + `train-expert` = the zoo's `finetune` of that expert."""
+    root, manifest = toy_zoo
+    models, entry = root / "models", manifest["models"][expert]
+    data = tmp_path / "train.jsonl"
+    assert main(["zoo", "export", entry["task"], "--dir", str(models), "--out", str(data)]) == 0
+    spec = get_scale("toy")
+    settings = TrainSettings(
+        full=full, epochs=spec.finetune_epochs, batch_size=spec.batch_size, seed=entry["seed"]
+    )
+    rebuilt = train_expert(models / "small", data, tmp_path / "rebuilt", settings, log=False)
+    other = replace(settings, seed=entry["seed"] + 1)
+    reseeded = train_expert(models / "small", data, tmp_path / "reseeded", other, log=False)
+
+    base = AutoModelForCausalLM.from_pretrained(models / "small", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
+    examples = load_task(entry["task"], "train", scale="toy", seed=manifest["seed"])
+    reference, _ = finetune(base, examples, tokenizer, spec, not full, entry["seed"], "zoo")
+    expected = {k: v for k, v in reference.state_dict().items() if "lora_" in k or full}
+    weights = "model.safetensors" if full else "adapter_model.safetensors"
+    got, moved = (load_file(r.directory / weights) for r in (rebuilt, reseeded))
+    names = [k for k in got if k in expected or k.replace(".weight", ".default.weight") in expected]
+    assert len(names) == len(got) > 0
+
+    def gap(trained: dict) -> float:
+        return max(
+            (trained[k] - expected.get(k, expected.get(k.replace(".weight", ".default.weight"))))
+            .abs().max().item()
+            for k in names
+        )  # fmt: skip
+
+    assert gap(got) < 1e-5  # the same steps: float rounding only
+    assert gap(moved) > 100 * gap(got)  # another seed is another expert

@@ -119,3 +119,6 @@ def test_baselines_retrained_alone_get_the_seeds_of_a_full_build(toy_zoo, tmp_pa
     large = {name: seed for name, seed in seeds["build"].items() if name.startswith("large-")}
     assert len(large) == 11 and seeds["alone"] == large
     assert len(set(seeds["build"].values())) == len(seeds["build"])  # one seed per model
+    built = json.loads((tmp_path / "models" / "zoo.json").read_text())["models"]
+    recorded = {n: m["seed"] for n, m in built.items() if m["kind"] != "base"}
+    assert recorded == seeds["build"]  # zoo.json records what rebuilds each fine-tune
