@@ -177,35 +177,50 @@ def reference_log_likelihoods(
     return torch.cat(fused), torch.cat(large), torch.cat(counts)
 
 
-def _batch_log_likelihoods(engine, expert, prompts, references, solver):
+def teacher_forced_logits(
+    engine: FusionEngine,
+    expert: str,
+    prompts: Sequence[FusionPrompt],
+    references: Sequence[Sequence[int]],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[T, V] logits of the large model, the small base and `expert` at every reference position
+    (rows concatenated, V the common vocabulary), and the [T] reference tokens they predict."""
     models = engine.models
     vocab = models.vocab_size
     large_text = [p.large or p.text for p in prompts]
     small_text = [p.small or p.text for p in prompts]
-    z_large = _reference_logits(models.large, large_text, prompts, references)  # [N, V]
+    z_large = _reference_logits(models.large, large_text, prompts, references)  # [T, V]
     small = models.small
     if expert in models.lora_experts:
         rows = [BASE_ADAPTER] * len(prompts) + [models.lora_experts[expert]] * len(prompts)
         both = _reference_logits(
             small, small_text * 2, [*prompts, *prompts], [*references, *references], rows
         )
-        z_small, z_expert = both.chunk(2)  # [N, V] each: positions are laid out row by row
+        z_small, z_expert = both.chunk(2)  # [T, V] each: positions are laid out row by row
     else:
         base_rows = [BASE_ADAPTER] * len(prompts) if isinstance(small.model, PeftModel) else None
         z_small = _reference_logits(small, small_text, prompts, references, base_rows)
         owner = models.full_experts[expert]
         expert_text = [p.experts.get(expert, s) for p, s in zip(prompts, small_text, strict=True)]
-        z_expert = _reference_logits(owner, expert_text, prompts, references).to(z_small.device)
-    targets = torch.tensor([t for ref in references for t in ref], device=z_large.device)  # [N]
+        z_expert = _reference_logits(owner, expert_text, prompts, references)
+    targets = torch.tensor([t for ref in references for t in ref], device=z_large.device)  # [T]
+    device = z_large.device
+    return (
+        z_large[:, :vocab], z_small.to(device)[:, :vocab], z_expert.to(device)[:, :vocab], targets,
+    )  # fmt: skip
+
+
+def _batch_log_likelihoods(engine, expert, prompts, references, solver):
+    z_large, z_small, z_expert, targets = teacher_forced_logits(engine, expert, prompts, references)
+    vocab = z_large.shape[-1]
     counted = targets < vocab
     safe = torch.where(counted, targets, 0)[:, None]
-    z_small, z_expert = z_small.to(z_large.device), z_expert.to(z_large.device)
     step = fusion_step(
-        z_large[:, :vocab], z_small[:, :vocab], z_expert[:, None, :vocab],
+        z_large, z_small, z_expert[:, None],
         torch.ones(len(targets), 1, dtype=torch.bool, device=z_large.device), solver,
     )  # fmt: skip
-    fused_token = log_probs(step.logits).gather(-1, safe)[:, 0] * counted  # [N]
-    large_token = log_probs(z_large[:, :vocab]).gather(-1, safe)[:, 0] * counted  # [N]
+    fused_token = log_probs(step.logits).gather(-1, safe)[:, 0] * counted  # [T]
+    large_token = log_probs(z_large).gather(-1, safe)[:, 0] * counted  # [T]
     row = torch.repeat_interleave(
         torch.arange(len(references), device=targets.device),
         torch.tensor([len(r) for r in references], device=targets.device),
