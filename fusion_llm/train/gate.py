@@ -22,7 +22,8 @@ It is stored in the expert's card (`card.py`) under the large model it was measu
 router's gate reads it. Measured on the shipped family (40 eval rows per task), specificity of the
 shipped LoRA experts / of experts trained on within-task-shuffled answers: trivia +2.43 / -0.49,
 math +1.07 / -0.19, summary +1.31 / -0.04; on truthful and mc (option answers) it does not
-separate them (+0.09 / +0.09, -0.07 / -0.06).
+separate them (+0.09 / +0.09, -0.07 / -0.06), nor do their fused accuracies (the shuffled ones lift
+the large model too: what they teach there is the format). No per-step guard: docs/step_guard.md.
 """
 
 from __future__ import annotations
