@@ -69,8 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a task's train or eval split as JSONL rows (for train-expert, gate and eval)",
         formatter_class=DefaultsFormatter,
     )
-    export.add_argument("task", choices=TASKS)
-    export.add_argument("--split", choices=["train", "eval"], default="train")
+    export.add_argument("task", choices=TASKS, help="the task whose rows to write")
+    export.add_argument(
+        "--split",
+        choices=["train", "eval"],
+        default="train",
+        help="the experts' train split or eval",
+    )
     export.add_argument("--n", type=int, help="only the first n rows (default: the whole split)")
     export.add_argument("--out", type=Path, help="JSONL file (default: stdout)")
     export.add_argument("--dir", type=Path, default=MODELS_DIR, help="the zoo whose data it is")
