@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     _add_output_options(generate, "each generated token's text next to its alpha")
-    generate.add_argument("--threads", type=_positive, help=THREADS_HELP)
+    generate.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     generate.set_defaults(run=_generate)
 
     demo = commands.add_parser(
@@ -102,13 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "--kind", choices=["lora", "full"], help="expert kind (default: lora on small, full on mid)"
     )
     demo.add_argument("--mode", choices=MODES[1:], default="dynamic", help="fusion mode")
-    demo.add_argument("--n", type=_positive, default=50, help="eval questions scored per task")
+    demo.add_argument("--n", type=positive_int, default=50, help="eval questions scored per task")
     demo.add_argument("--examples", type=int, default=2, help="questions shown per task")
-    demo.add_argument("--max-new-tokens", type=_positive, default=48, help="per answer")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=48, help="per answer")
     _add_output_options(demo, "the shown questions' fused tokens with their alpha")
     demo.add_argument(
         "--threads",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="torch CPU threads; the shipped models are so small that one is fastest",
     )
@@ -128,11 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", default="toy,realistic", help="comma-separated: toy, realistic")
     bench.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     bench.add_argument("--experts", default="1,2,4", help="comma-separated expert counts")
-    bench.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
+    bench.add_argument("--prompt-tokens", type=positive_int, default=64, help="tokens per prompt")
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call")
     bench.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
     bench.add_argument("--solver-vocabs", default="32000,151936", help="solver vocab sizes")
-    bench.add_argument("--threads", type=_positive, help=THREADS_HELP)
+    bench.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     bench.add_argument(
         "--backend",
         choices=["hf", "vllm"],
@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", required=True, help="YAML, TOML or JSON engine config")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=_positive, default=8000, help="port to listen on")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
     serve.add_argument("--served-model-name", default="fusion", help="the model name clients send")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
@@ -183,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--models-dir", type=Path, help="a zoo built by `fusion-llm zoo build` (default: shipped)"
     )
-    reproduce.add_argument("--threads", type=_positive, help=THREADS_HELP)
+    reproduce.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     reproduce.set_defaults(run=_reproduce)
 
     try:
@@ -198,10 +198,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 

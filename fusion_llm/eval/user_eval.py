@@ -64,6 +64,9 @@ def evaluate(
     """Score every row of the comparison on `data` (JSONL); write the report under `out_dir`."""
     if metric not in METRICS:
         raise RequestError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if shots < 0 or batch_size < 1 or (n is not None and n < 1):
+        msg = f"shots must be >= 0, batch_size and n >= 1; got {shots}, {batch_size} and {n}"
+        raise RequestError(msg)
     if shots and shots_from is None:
         raise RequestError("--shots needs --shots-from: a JSONL file the demonstrations come from")
     engine = FusionEngine(config)

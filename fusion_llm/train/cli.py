@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import THREADS_HELP, non_negative_int, positive_int
+
 METRICS = ("exact", "number", "rouge2", "choice")
 
 
@@ -21,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--out", required=True, type=Path, help="folder for the expert")
     train.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
-    train.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    train.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 2 x rank)")
+    train.add_argument("--rank", type=positive_int, default=16, help="LoRA rank")
+    train.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default: 2 x rank)")
     train.add_argument("--lora-dropout", type=float, default=0.0)
     train.add_argument(
         "--target-modules",
@@ -31,14 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--lr", type=float, help="learning rate (default: 2e-3 LoRA, 5e-4 full)")
-    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--batch-size", type=positive_int, default=16)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    train.add_argument("--examples", type=int, default=20, help="prompts kept as router examples")
     train.add_argument(
-        "--holdout", type=int, default=0, help="rows kept out as the gate's validation set"
+        "--examples", type=non_negative_int, default=20, help="prompts kept as router examples"
     )
-    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument(
+        "--holdout",
+        type=non_negative_int,
+        default=0,
+        help="rows kept out as the gate's validation set",
+    )
+    train.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     train.set_defaults(run=_train)
 
     gate = subparsers.add_parser(
@@ -51,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="JSONL references (default: each expert's held-out validation.jsonl)",
     )
-    gate.add_argument("--limit", type=int, help="use at most this many validation rows")
-    gate.add_argument("--batch-size", type=int, default=8)
+    gate.add_argument("--limit", type=positive_int, help="use at most this many validation rows")
+    gate.add_argument("--batch-size", type=positive_int, default=8)
     gate.set_defaults(run=_gate)
 
     evaluate = subparsers.add_parser(
@@ -62,14 +69,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, type=Path, help="JSONL rows with references")
     evaluate.add_argument("--metric", required=True, choices=METRICS)
     evaluate.add_argument("--experts", help="comma-separated expert names (default: all)")
-    evaluate.add_argument("--shots", type=int, default=0, help="k-shot rows for the large model")
+    evaluate.add_argument(
+        "--shots", type=non_negative_int, default=0, help="k-shot rows for the large model"
+    )
     evaluate.add_argument(
         "--shots-from", type=Path, help="JSONL the k-shot demonstrations come from"
     )
-    evaluate.add_argument("--n", type=int, help="score only the first n rows")
-    evaluate.add_argument("--max-new-tokens", type=int, default=48)
+    evaluate.add_argument("--n", type=positive_int, help="score only the first n rows")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=48)
     evaluate.add_argument("--stop", action="append", help="stop string (default: a newline)")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=positive_int, default=32)
     evaluate.add_argument("--out", type=Path, default=Path("eval-results"))
     evaluate.set_defaults(run=_eval)
 

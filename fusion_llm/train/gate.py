@@ -59,6 +59,9 @@ def gate_experts(
     """{expert: verdict} for `experts` (default: all), measured on `validation` (JSONL with
     references; default: each expert's held-out `validation.jsonl` from `train-expert
     --holdout`), and stored in each expert's card unless `store` is False."""
+    if batch_size < 1 or (limit is not None and limit < 1):
+        msg = f"batch_size and limit must be at least 1, got {batch_size} and {limit}"
+        raise RequestError(msg)
     names = list(experts) if experts is not None else list(engine.expert_names)
     unknown = [n for n in names if n not in engine.expert_names]
     if unknown:

@@ -21,7 +21,7 @@ from fusion_llm.zoo.task_families import TASKS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `zoo` command; each leaf sets `run(args) -> int`, the main CLI's dispatch key."""
-    from fusion_llm.cli import DefaultsFormatter
+    from fusion_llm.cli import THREADS_HELP, DefaultsFormatter, positive_int
 
     zoo = subparsers.add_parser("zoo", help="the shipped toy model family")
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where the large fine-tuned baselines go, not shipped (default: zoo-baselines/)",
     )
     build.add_argument("--no-baselines", action="store_true", help="skip the large baselines")
-    build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    build.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     build.set_defaults(run=_build)
 
     info = commands.add_parser("info", help="list the zoo's models and their folders")
@@ -76,7 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="train",
         help="the experts' train split or eval",
     )
-    export.add_argument("--n", type=int, help="only the first n rows (default: the whole split)")
+    export.add_argument(
+        "--n", type=positive_int, help="only the first n rows (default: the whole split)"
+    )
     export.add_argument("--out", type=Path, help="JSONL file (default: stdout)")
     export.add_argument("--dir", type=Path, default=MODELS_DIR, help="the zoo whose data it is")
     export.set_defaults(run=_export)
@@ -113,8 +115,6 @@ def _export(args: argparse.Namespace) -> int:
     """The split the build trained (or evaluates) on, regenerated from the zoo's scale and seed."""
     from fusion_llm.eval.tasks import load_task
 
-    if args.n is not None and args.n < 1:
-        raise RequestError(f"--n must be at least 1, got {args.n}")
     manifest = read_manifest(args.dir)
     examples = load_task(args.task, args.split, args.n, manifest["scale"], manifest["seed"])
     lines = "".join(

@@ -174,6 +174,22 @@ def test_threads_sets_torchs_thread_count(config_file, capsys):
     assert "must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["zoo", "build", "--scale", "toy", "--threads", "-1"], "--threads"),
+        (["bench", "--prompt-tokens", "0"], "--prompt-tokens"),
+        (["reproduce", "--threads", "0"], "--threads"),
+        (["demo", "--threads", "0"], "--threads"),
+    ],
+)
+def test_a_count_below_its_minimum_is_one_line_and_exit_2(command, flag, capsys, tmp_path):
+    assert main([*command, "--out", str(tmp_path / "never")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: argument {flag}: must be at least 1")
+    assert not (tmp_path / "never").exists()
+
+
 def test_relative_model_paths_are_read_from_the_config_files_folder(
     tiny_family, capsys, tmp_path, monkeypatch
 ):
@@ -222,4 +238,4 @@ def test_zoo_export_writes_a_tasks_split_as_rows_train_expert_reads(capsys, tmp_
         (e.prompt, e.target) for e in expected
     ]
     assert main(["zoo", "export", "math", "--n", "0"]) == 2
-    assert "--n must be at least 1" in capsys.readouterr().err
+    assert "--n: must be at least 1, got 0" in capsys.readouterr().err

@@ -184,3 +184,11 @@ def test_the_gate_cli_and_a_missing_validation_set(family, tmp_path, capsys) -> 
     assert "harmful: HURTS" in capsys.readouterr().out
     with pytest.raises(RequestError, match="no held-out validation rows"):
         gate_experts(FusionEngine(config(family, "off")), ["harmful"])
+    for flag, value in (("--batch-size", "0"), ("--limit", "-1")):
+        capsys.readouterr()
+        assert main([*args, flag, value]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: argument {flag}: must be at least 1")
+    for bad in ({"batch_size": 0}, {"limit": 0}):
+        with pytest.raises(RequestError, match="batch_size and limit must be at least 1"):
+            gate_experts(FusionEngine(config(family, "off")), ["harmful"], **bad)

@@ -183,6 +183,12 @@ def test_the_cli_trains_an_expert_and_reports_bad_rows_on_one_line(tiny_family, 
     ]
     assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
     assert "bad.jsonl, line 2: `completion` must be a non-empty string" in capsys.readouterr().err
+    numbers = [("--threads", "0"), ("--batch-size", "0"), ("--rank", "-2"), ("--holdout", "-1")]
+    for flag, value in numbers:
+        assert main([*args, "--out", str(tmp_path / "never"), flag, value]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: argument {flag}: must be at least")
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize(("expert", "full"), [("small-trivia-lora", False), ("small-math", True)])

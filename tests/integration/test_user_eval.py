@@ -84,6 +84,9 @@ def test_bad_requests_are_request_errors(data) -> None:
         evaluate(data["config"], data["eval"], "bleu")
     with pytest.raises(RequestError, match="--shots needs --shots-from"):
         evaluate(data["config"], data["eval"], "exact", shots=2)
+    for bad in ({"n": 0}, {"batch_size": 0}, {"shots": -1}):
+        with pytest.raises(RequestError, match="shots must be >= 0, batch_size and n >= 1"):
+            evaluate(data["config"], data["eval"], "exact", **bad)
 
 
 def test_the_eval_cli_prints_the_table(data, tmp_path, capsys) -> None:
@@ -100,3 +103,8 @@ def test_the_eval_cli_prints_the_table(data, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "| large alone |" in out and "| dynamic |" in out
     assert main([*args[:-1], "bleu"]) == 2  # argparse: one line, exit code 2
+    for flag, value in (("--n", "0"), ("--batch-size", "0"), ("--shots", "-1"), ("--n", "x")):
+        capsys.readouterr()
+        assert main([*args, flag, value]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: argument {flag}:")
