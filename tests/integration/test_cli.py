@@ -61,6 +61,16 @@ def test_a_bad_config_file_exits_2_from_the_installed_command(tmp_path):
     assert run.stderr.count("\n") == 1
 
 
+def test_a_reader_that_closes_the_pipe_stops_the_command_quietly():
+    """`fusion-llm zoo export trivia | head -1`: no BrokenPipeError traceback."""
+    command = [sys.executable, "-m", "fusion_llm.cli", "zoo", "export", "trivia"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes its 800 rows
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 def test_reproduce_quick_mode_recomputes_fusion_rows_and_reads_committed_baselines(
     tmp_path, capsys
 ):
