@@ -1,20 +1,22 @@
-"""The fine-tuning recipe shared by `train_expert` and the zoo build: data order, optimiser, schedule.
+"""The fine-tuning recipe shared by `train_expert` and the zoo build: data order, batches, optimiser,
+schedule.
 
 One definition, so an expert rebuilt with `train_expert` from its task's data and seed follows the
 same steps as the shipped one did: each epoch a `random.Random(seed)` shuffle of the rows cut into
 consecutive batches (the last one of an epoch may be short); AdamW with betas (0.9, 0.98) and one
 weight decay on every trained tensor; a linear warmup over a share of the steps, then cosine decay
-to 10 % of the peak learning rate.
+to 10 % of the peak learning rate. Batches are right-padded; prompt tokens and padding carry no loss.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
+IGNORE = -100  # label of tokens that carry no loss
 BETAS = (0.9, 0.98)
 FINAL_LR_SHARE = 0.1  # the cosine ends at this share of the peak learning rate
 
@@ -33,6 +35,25 @@ def epoch_batches(rows: int, batch_size: int, epochs: float, seed: int) -> list[
         rng.shuffle(order)
         batches += [order[i : i + batch_size] for i in range(0, rows, batch_size)]
     return batches[: max(1, round(epochs * per_epoch))]
+
+
+class Collator:
+    """Rows of token ids and labels as right-padded [B, S] tensors; padding is not attended."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [B, S]
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # [B, S]
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
+        for row, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[row, :n] = torch.tensor(r["input_ids"])
+            labels[row, :n] = torch.tensor(r["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def warmup_steps(total: int, share: float) -> int:

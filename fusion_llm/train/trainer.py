@@ -21,7 +21,6 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ from ..models import load_model
 from . import recipe
 from .card import CARD_FILE, write_card
 from .data import Record, read_jsonl, render
+from .recipe import IGNORE
 
-IGNORE = -100  # label of tokens that carry no loss
 VALIDATION_FILE = "validation.jsonl"
 
 
@@ -140,7 +139,7 @@ def train_expert(
             model=model,
             args=_arguments(settings, scratch, spec.device, steps),
             train_dataset=features,
-            data_collator=_Collator(tokenizer.pad_token_id),
+            data_collator=recipe.Collator(tokenizer.pad_token_id),
             optimizers=optimiser,
         )
         trainer.remove_callback(PrinterCallback)  # the bar below shows the loss instead
@@ -219,25 +218,6 @@ def _features(record: Record, tokenizer, window: int | None, source: str) -> dic
         )
         raise DataError(msg)
     return {"input_ids": ids, "labels": [IGNORE] * len(prompt) + completion}
-
-
-class _Collator:
-    """Right-padded [B, S] tensors; padding carries no loss and no attention."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [B, S]
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # [B, S]
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
-        for row, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[row, :n] = torch.tensor(r["input_ids"])
-            labels[row, :n] = torch.tensor(r["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 class _RecipeTrainer(Trainer):

@@ -20,13 +20,13 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fusion_llm.train import recipe
+from fusion_llm.train.recipe import IGNORE
 from fusion_llm.zoo.corpus import pretraining_stream
 from fusion_llm.zoo.scales import ModelSize, Scale
 from fusion_llm.zoo.task_families import TaskExample
 from fusion_llm.zoo.world import World
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IGNORE = -100  # label of tokens that carry no loss
 WEIGHT_DECAY = 0.01
 WARMUP_SHARE = 0.05
 
@@ -108,11 +108,11 @@ def pretrain(
     return _optimise(model, batches, steps, lr, desc)
 
 
-def _example_ids(example: TaskExample, tokenizer: PreTrainedTokenizerFast) -> tuple[list, list]:
+def _example_ids(example: TaskExample, tokenizer: PreTrainedTokenizerFast) -> dict[str, list]:
     prompt = tokenizer(example.prompt).input_ids
     target = tokenizer(example.target, add_special_tokens=False).input_ids
     target.append(tokenizer.eos_token_id)
-    return prompt + target, [IGNORE] * len(prompt) + target
+    return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target}
 
 
 def _finetune_batches(
@@ -124,17 +124,9 @@ def _finetune_batches(
 ) -> Iterator[dict]:
     """Right-padded batches whose labels cover only the target tokens and the closing EOS."""
     encoded = [_example_ids(e, tokenizer) for e in examples]
+    collate = recipe.Collator(tokenizer.pad_token_id)
     for batch in recipe.epoch_batches(len(encoded), batch_size, epochs, seed):
-        rows = [encoded[j] for j in batch]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, S]
-        labels = torch.full((len(rows), width), IGNORE)  # [B, S]
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
-        for r, (row_ids, row_labels) in enumerate(rows):
-            ids[r, : len(row_ids)] = torch.tensor(row_ids)
-            labels[r, : len(row_labels)] = torch.tensor(row_labels)
-            mask[r, : len(row_ids)] = 1
-        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        yield collate([encoded[j] for j in batch])
 
 
 def finetune(
