@@ -20,7 +20,7 @@ from _setup import fusion_config
 
 from fusion_llm import FusionEngine
 from fusion_llm.eval.tasks import SEEN_TASKS, load_task
-from fusion_llm.router import TaskRouter, routing_accuracy
+from fusion_llm.routing.router import TaskRouter, routing_accuracy
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from .core.errors import (
     AdapterMismatchError,
     ConfigError,
     ContextWindowError,
@@ -29,7 +29,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .config import ExpertSpec, FusionConfig, FusionSpec, GenerationSpec, ModelSpec
+    from .core.config import ExpertSpec, FusionConfig, FusionSpec, GenerationSpec, ModelSpec
     from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
 
 __version__ = "0.1.0"
@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 # name -> submodule that defines it, imported on first access (PEP 562)
 _LAZY = {
     **dict.fromkeys(
-        ("ExpertSpec", "FusionConfig", "FusionSpec", "GenerationSpec", "ModelSpec"), "config"
+        ("ExpertSpec", "FusionConfig", "FusionSpec", "GenerationSpec", "ModelSpec"), "core.config"
     ),
     **dict.fromkeys(("FusionEngine", "FusionPrompt", "Generation", "StreamChunk"), "engine"),
 }

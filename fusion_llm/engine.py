@@ -18,15 +18,14 @@ from typing import Any
 
 import torch
 
-from .batcher import ContinuousBatcher
-from .config import FusionConfig, FusionMode, GenerationSpec
-from .decoding import ConfigSolvers
-from .errors import ContextWindowError, RequestError, UnknownExpertError
-from .models import LoadedModel, ModelSet, load_models
-from .request import DONE, PromptBatch, Request
-from .text import IncrementalText
-
-MODES = ("none", "static", "paper", "dynamic")
+from .core.config import FusionConfig, FusionMode, GenerationSpec
+from .core.errors import ContextWindowError, RequestError, UnknownExpertError, described
+from .core.text import IncrementalText
+from .runtime.batcher import ContinuousBatcher
+from .runtime.decoding import ConfigSolvers
+from .runtime.models import LoadedModel, ModelSet, load_models
+from .runtime.request import DONE, PromptBatch, Request
+from .runtime.validation import expert_list, fusion_mode
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ class FusionEngine:
     def _decoder(self):
         """Who decodes: the continuous batcher over HF models, or vLLM (`backend: vllm`)."""
         if self.config.backend == "vllm":
-            from .serving.backend import VllmDecoder
+            from .backends.vllm.backend import VllmDecoder
 
             return VllmDecoder(self.config, self._run_lock)
         batching = self.config.batching
@@ -159,7 +158,7 @@ class FusionEngine:
 
     def _load(self) -> ModelSet:
         if self.config.backend == "vllm":  # vLLM holds the large weights; the rest is shared
-            from .serving.launch import small_models
+            from .backends.vllm.launch import small_models
 
             return small_models(self.config.model_dump_json())
         return load_models(self.config)
@@ -404,34 +403,6 @@ class FusionEngine:
         raise ContextWindowError(msg)
 
 
-def expert_list(experts: Sequence[str] | str | None, configured: Sequence[str]) -> list[str]:
-    """The experts a request names (None: every configured one), each once; typed errors."""
-    if experts is None:
-        return list(configured)
-    if isinstance(experts, str):
-        experts = [experts]
-    if not isinstance(experts, Sequence) or not all(isinstance(e, str) for e in experts):
-        msg = (
-            f"experts must be expert names, a list of them, or one list per prompt; got {experts!r}"
-        )
-        raise RequestError(msg)
-    unknown = [e for e in experts if e not in configured]
-    if unknown:
-        known = ", ".join(configured) or "none configured"
-        msg = f"unknown expert(s) {', '.join(map(repr, unknown))}; configured experts: {known}"
-        raise UnknownExpertError(msg)
-    return list(dict.fromkeys(experts))
-
-
-def fusion_mode(mode: str | None, default: str) -> str:
-    """The fusion mode a request names (None: the config's); RequestError if unknown."""
-    mode = mode or default
-    if mode not in MODES:
-        msg = f"unknown fusion mode {mode!r}; use one of {', '.join(MODES)}"
-        raise RequestError(msg)
-    return mode
-
-
 def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChunk]:
     """The chunks of one decoder message: a list of `RowEvent`s (or an error to raise)."""
     if isinstance(events, BaseException):
@@ -519,10 +490,9 @@ def _apply_template(model: LoadedModel, messages, tools) -> str:
             list(messages), tools=tools, tokenize=False, add_generation_prompt=True
         )
     except Exception as err:  # the template is code shipped with the model: any error is its own
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         msg = (
             f"the chat template of the {model.name} ({tokenizer.name_or_path}) cannot render these "
-            f"messages: {type(err).__name__}: {detail[:300]}; send messages it accepts (e.g. "
+            f"messages: {described(err)}; send messages it accepts (e.g. "
             "alternating user/assistant turns) or fix its chat_template"
         )
         raise RequestError(msg) from err

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from fusion_llm import FusionEngine
+from fusion_llm.core.fusion import fusion_step, log_probs, make_solver
 from fusion_llm.eval.tasks import load_task
-from fusion_llm.fusion import fusion_step, log_probs, make_solver
-from fusion_llm.train import TrainSettings, train_expert
-from fusion_llm.train.data import Record
-from fusion_llm.train.gate import rows_for, teacher_forced_logits
+from fusion_llm.experts import TrainSettings, train_expert
+from fusion_llm.experts.data import Record
+from fusion_llm.experts.gate import rows_for, teacher_forced_logits
 from fusion_llm.zoo import zoo_config, zoo_path
 
 TASKS = ("math", "truthful", "trivia", "summary", "mc")
@@ -59,7 +59,7 @@ def study(engine: FusionEngine, expert: str, task: str, n: int) -> list[dict]:
     records = [Record(i, e.prompt, e.target) for i, e in enumerate(load_task(task, "eval", n))]
     prompts, references = rows_for(engine, records)
     fusion = engine.config.fusion
-    solver = make_solver("dynamic", torch.ones(1), fusion.alpha_min, fusion.alpha_max)
+    solver = make_solver("dynamic", torch.ones(1), fusion)
     fused, large, confidence, best_fused, best_large, targets = [], [], [], [], [], []
     for start in range(0, len(prompts), 8):
         batch = slice(start, start + 8)

@@ -7,17 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..models import cache_argument
-
-
-def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
+from ..runtime.models import cache_argument
 
 
 @torch.no_grad()

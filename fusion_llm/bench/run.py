@@ -29,11 +29,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from .. import fusion as F
-from ..decoding import CacheRunner, RowPrompt, SmallPool, build_sampler, stop_checker
+from ..core import fusion as F
+from ..core.padding import padded
 from ..engine import FusionEngine
-from ..models import BASE_ADAPTER
-from .baselines import hf_generate, left_padded, proxy_tuning_generate
+from ..runtime.decoding import CacheRunner, RowPrompt, SmallPool, build_sampler, stop_checker
+from ..runtime.models import BASE_ADAPTER
+from .baselines import hf_generate, proxy_tuning_generate
 from .families import SHAPES, family_config, random_prompts, write_family
 
 MODES = ("none", "static", "paper", "dynamic")
@@ -178,7 +179,7 @@ def baseline_variants(engine, paths, prompts, k, kind, new_tokens, device) -> di
     models = engine.models
     pad = models.large.tokenizer.pad_token_id
     token_ids = [models.large.tokenizer(p)["input_ids"] for p in prompts]
-    ids, mask = left_padded(token_ids, pad, models.large.input_device)
+    ids, mask = (t.to(models.large.input_device) for t in padded(token_ids, pad))
     small = AutoModelForCausalLM.from_pretrained(paths["small"]).to(device).eval()
     experts = []
     for i in range(k):

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import ModelNotFoundError
+from ..core.errors import ModelNotFoundError
 from ..zoo import MODELS_DIR
 
 COMMITTED_RESULTS = MODELS_DIR.parent / "results" / "baselines.json"

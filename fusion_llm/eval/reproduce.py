@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..core.errors import RequestError
 from ..engine import FusionEngine, FusionPrompt
-from ..errors import RequestError
 from ..zoo import MODELS_DIR, read_manifest, zoo_config, zoo_path
 from ..zoo.scales import get_scale
 from .metrics import score

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import RequestError
+from ..core.errors import RequestError
 from ..zoo import MODELS_DIR, read_manifest
 from ..zoo.build import DEFAULT_BASELINES_DIR, train_baselines
 from .baselines import load_committed, loadable_baselines

@@ -21,12 +21,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..config import FusionConfig, ModelSpec
+from ..core.config import FusionConfig, ModelSpec
+from ..core.errors import RequestError, UnknownExpertError
 from ..engine import FusionEngine, FusionPrompt, Generation
-from ..errors import RequestError, UnknownExpertError
-from ..models import is_lora_adapter
-from ..train.card import verdict
-from ..train.data import Record, read_jsonl
+from ..experts.data import Record, read_jsonl
+from ..routing.card import verdict
+from ..runtime.models import is_lora_adapter
 from .baselines import merge_lora
 from .figure import plot_alpha
 from .metrics import choice_accuracy, exact_match, number_match, rouge2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fusion_llm.errors import ModelNotFoundError
+from fusion_llm.core.errors import ModelNotFoundError
 
 MANIFEST = "zoo.json"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from fusion_llm.core.padding import padded
 from fusion_llm.zoo import phrasing as ph
 from fusion_llm.zoo.task_families import TASKS, TaskExample, split_people, task_examples
 from fusion_llm.zoo.world import PERSON_RELATIONS, World
@@ -31,12 +32,7 @@ def continuation_logprobs(
     continuation, in one right-padded forward pass."""
     prompt_ids = tokenizer(prompt).input_ids
     rows = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
-    width = len(prompt_ids) + max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [C, S]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [C, S]
-    for i, row in enumerate(rows):
-        ids[i, : len(prompt_ids) + len(row)] = torch.tensor(prompt_ids + row)
-        mask[i, : len(prompt_ids) + len(row)] = 1
+    ids, mask = padded([prompt_ids + row for row in rows], tokenizer.pad_token_id, side="right")
     logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [C, S, V]
     scores = torch.zeros(len(rows))
     for i, row in enumerate(rows):

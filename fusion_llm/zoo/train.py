@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fusion_llm.train import recipe
-from fusion_llm.train.recipe import IGNORE
+from fusion_llm.experts import recipe
+from fusion_llm.experts.recipe import IGNORE
 from fusion_llm.zoo.corpus import pretraining_stream
 from fusion_llm.zoo.scales import ModelSize, Scale
 from fusion_llm.zoo.task_families import TaskExample

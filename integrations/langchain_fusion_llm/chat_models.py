@@ -27,10 +27,15 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from fusion_llm.chat import NO_TOOL_TEMPLATE, chat_message, non_text_content, parse_tool_calls
-from fusion_llm.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.engine import FusionPrompt, StreamChunk
-from fusion_llm.router import RoutingDecision
+from fusion_llm.routing.chat import (
+    NO_TOOL_TEMPLATE,
+    chat_message,
+    non_text_content,
+    parse_tool_calls,
+)
+from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
+from fusion_llm.routing.router import RoutingDecision
 
 from .batching import batch_runs
 from .params import FusionFields

@@ -18,9 +18,9 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tracers._streaming import _StreamingCallbackHandler
 
-from fusion_llm.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.engine import FusionPrompt, StreamChunk
-from fusion_llm.router import RoutingDecision
+from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
+from fusion_llm.routing.router import RoutingDecision
 
 from .batching import batch_runs
 from .params import FusionFields

@@ -1,6 +1,6 @@
 """Fields and parameter handling shared by `FusedLLM` and `ChatFusedLLM` (no fusion logic here).
 
-Routing precedence for one call (first present wins, see `fusion_llm.router`):
+Routing precedence for one call (first present wins, see `fusion_llm.routing.router`):
     1. call keywords, bound or passed: `llm.bind(task="math")`, `bind(tasks=[...])`, `experts=[...]`;
     2. run metadata `fusion_tasks`: `llm.with_config(metadata={"fusion_tasks": ["math"]})`
        (LangChain merges metadata outer-first: a caller's `fusion_tasks` overrides the step's own);
@@ -28,7 +28,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from typing_extensions import Self
 
 from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
-from fusion_llm.client import (
+from fusion_llm.routing.client import (
     FusionClient,
     RoutedGeneration,
     check_keywords,
@@ -36,7 +36,7 @@ from fusion_llm.client import (
     stop_strings,
     with_engine,
 )
-from fusion_llm.router import CALL_KEYWORDS, Route, Source, choose_route
+from fusion_llm.routing.router import CALL_KEYWORDS, Route, Source, choose_route
 
 PROVIDER = "fusion_llm"
 SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")

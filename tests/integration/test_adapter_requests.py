@@ -20,8 +20,8 @@ from llama_index.llms.fusion_llm import FusedLLM as IndexLLM
 from pydantic import BaseModel
 
 from fusion_llm import ConfigError, ContextWindowError, RequestError, UnknownExpertError
-from fusion_llm.chat import end_of_turn
-from fusion_llm.client import FusionClient
+from fusion_llm.routing.chat import end_of_turn
+from fusion_llm.routing.client import FusionClient
 from fusion_llm.tiny import CHAT_TEMPLATE
 
 pytest_plugins = ["tiny_family"]  # the session fixtures `tiny_config` and `tool_config`

@@ -17,7 +17,7 @@ from llama_index.core.instrumentation.dispatcher import instrument_tags
 from llama_index.core.llms import ChatMessage
 from llama_index.llms.fusion_llm import FusedLLM
 
-from fusion_llm.client import FusionClient
+from fusion_llm.routing.client import FusionClient
 from fusion_llm.zoo import zoo_config
 
 DOCUMENTS = [

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from fusion_llm import FusionEngine, ModelLoadError, ModelNotFoundError
-from fusion_llm.cli import main
+from fusion_llm.cli.main import main
 from fusion_llm.tiny import family_config
 
 PROMPT = "the king of Rome"
@@ -172,7 +172,7 @@ def test_an_expert_whose_embedding_is_smaller_than_its_tokenizer_is_refused_at_l
 def test_a_missing_path_shaped_like_a_hub_id_fails_fast_offline(tiny_family, monkeypatch):
     from huggingface_hub import constants
 
-    from fusion_llm import models
+    from fusion_llm.runtime import models
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     models.hub_reachable.cache_clear()

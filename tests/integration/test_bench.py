@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fusion_llm.cli import main
+from fusion_llm.cli.main import main
 
 
 def test_bench_runs_every_section_and_writes_json_and_markdown(tmp_path, capsys):

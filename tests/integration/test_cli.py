@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusion_llm.cli import main
+from fusion_llm.cli.main import main
 from fusion_llm.eval.baselines import load_committed
 from fusion_llm.eval.tasks import TASKS, load_task
+from fusion_llm.experts.data import read_jsonl
 from fusion_llm.tiny import family_config
-from fusion_llm.train.data import read_jsonl
 from fusion_llm.zoo import MODELS_DIR, read_manifest
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from fusion_llm import FusionEngine
-from fusion_llm.cli import main
-from fusion_llm.demo import run_demo
+from fusion_llm.cli.main import main
+from fusion_llm.eval.demo import run_demo
 from fusion_llm.eval.metrics import score
 from fusion_llm.eval.tasks import TASKS, load_task
 from fusion_llm.zoo import zoo_path

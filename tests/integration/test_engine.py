@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fusion_llm import FusionEngine, FusionPrompt
-from fusion_llm.fusion import fusion_step, make_solver
-from fusion_llm.models import BASE_ADAPTER
+from fusion_llm.core.fusion import fusion_step, make_solver
+from fusion_llm.runtime.models import BASE_ADAPTER
 from fusion_llm.tiny import family_config
 
 PROMPTS = ["the king of Rome", "question: what city is on the river Nile and who", "a"]

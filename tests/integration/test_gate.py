@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from fusion_llm import FusionEngine
-from fusion_llm.cli import main
-from fusion_llm.client import FusionClient
-from fusion_llm.errors import RequestError
+from fusion_llm.cli.main import main
+from fusion_llm.core.errors import RequestError
 from fusion_llm.eval.tasks import load_task
-from fusion_llm.train import TrainSettings, gate_experts, train_expert
-from fusion_llm.train.data import read_jsonl
-from fusion_llm.train.gate import reference_log_likelihoods, rows_for
+from fusion_llm.experts import TrainSettings, gate_experts, train_expert
+from fusion_llm.experts.data import read_jsonl
+from fusion_llm.experts.gate import reference_log_likelihoods, rows_for
+from fusion_llm.routing.client import FusionClient
 from fusion_llm.zoo import zoo_path
 
 PROMPTS = [e.prompt for e in load_task("trivia", "eval", 4)]

@@ -17,8 +17,8 @@ from langchain_fusion_llm.structured import structured_output
 from pydantic import BaseModel
 
 from fusion_llm import FusionEngine, UnknownExpertError
-from fusion_llm.chat import parse_tool_calls
-from fusion_llm.client import shared_engine
+from fusion_llm.routing.chat import parse_tool_calls
+from fusion_llm.routing.client import shared_engine
 
 pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
 

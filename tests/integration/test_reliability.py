@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusion_llm import DeviceError, FusionEngine
-from fusion_llm.cli import main
+from fusion_llm.cli.main import main
 from fusion_llm.tiny import family_config
 
 PROMPTS = ["the king of Rome", "question: what city"]

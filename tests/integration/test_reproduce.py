@@ -6,7 +6,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from fusion_llm.cli import main
+from fusion_llm.cli.main import main
 from fusion_llm.eval.reproduce import Reproduction, icl_table, table2
 from fusion_llm.eval.tasks import TASKS
 

@@ -13,15 +13,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_llm import FusionEngine
-from fusion_llm.cli import main
-from fusion_llm.errors import DataError
+from fusion_llm.cli.main import main
+from fusion_llm.core.errors import DataError
 from fusion_llm.eval.tasks import load_task
-from fusion_llm.router import TaskRouter
+from fusion_llm.experts import TrainSettings, train_expert
+from fusion_llm.experts.data import Record
+from fusion_llm.experts.trainer import IGNORE, _features
+from fusion_llm.routing.card import CARD_FILE
+from fusion_llm.routing.router import TaskRouter
 from fusion_llm.tiny import family_config
-from fusion_llm.train import TrainSettings, train_expert
-from fusion_llm.train.card import CARD_FILE
-from fusion_llm.train.data import Record
-from fusion_llm.train.trainer import IGNORE, _features
 from fusion_llm.zoo.scales import get_scale
 from fusion_llm.zoo.train import finetune
 

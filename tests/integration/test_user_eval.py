@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fusion_llm import FusionEngine
-from fusion_llm.cli import main
-from fusion_llm.errors import RequestError
+from fusion_llm.cli.main import main
+from fusion_llm.core.errors import RequestError
 from fusion_llm.eval.metrics import exact_match
 from fusion_llm.eval.tasks import load_task
 from fusion_llm.eval.user_eval import evaluate

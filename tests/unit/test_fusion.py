@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_llm import fusion as F
+from fusion_llm.core import fusion as F
+from fusion_llm.core.config import FusionSpec
 
 PAPER_GRID = F.alpha_grid(0.0, 2.0, 0.1)
 
@@ -168,7 +169,9 @@ def test_binning_the_vocabulary_costs_no_objective(scale, expert_scale):
 def test_fused_distribution_is_a_distribution_and_alpha_stays_in_bounds(case, low, high):
     batch, experts, vocab, scale, expert_scale, seed = case
     large, small, expert_logits = fake_logits(batch, experts, vocab, scale, expert_scale, seed)
-    solver = F.make_solver("dynamic", torch.ones(experts), alpha_min=low, alpha_max=high)
+    solver = F.make_solver(
+        "dynamic", torch.ones(experts), FusionSpec.model_construct(alpha_min=low, alpha_max=high)
+    )
     step = F.fusion_step(
         large, small, expert_logits, torch.ones(batch, experts, dtype=torch.bool), solver
     )

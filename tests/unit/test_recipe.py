@@ -1,11 +1,11 @@
-"""The fine-tuning recipe's data order and learning-rate schedule (`fusion_llm.train.recipe`)."""
+"""The fine-tuning recipe's data order and learning-rate schedule (`fusion_llm.experts.recipe`)."""
 
 import math
 
 import pytest
 import torch
 
-from fusion_llm.train import recipe
+from fusion_llm.experts import recipe
 
 
 @pytest.mark.parametrize(("rows", "batch_size"), [(10, 4), (16, 8), (7, 16)])

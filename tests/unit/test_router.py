@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fusion_llm import FusionEngine, FusionPrompt, RequestError, UnknownExpertError
-from fusion_llm.router import (
+from fusion_llm.routing.router import (
     RoutingDecision,
     TaskRouter,
     choose_route,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fusion_llm.config import GenerationSpec
-from fusion_llm.request import DONE, PromptBatch, Request, Submission, Ticket
-from fusion_llm.scheduler import Scheduler
+from fusion_llm.core.config import GenerationSpec
+from fusion_llm.runtime.request import DONE, PromptBatch, Request, Submission, Ticket
+from fusion_llm.runtime.scheduler import Scheduler
 
 
 def ticket(rows: int, events: list | None = None) -> Ticket:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from fusion_llm.config import FusionConfig
-from fusion_llm.serving.launch import CONFIG_ENV, PROCESSOR, engine_arguments, vllm_environment
-from fusion_llm.serving.server import server_command
+from fusion_llm.backends.vllm.launch import (
+    CONFIG_ENV,
+    PROCESSOR,
+    engine_arguments,
+    vllm_environment,
+)
+from fusion_llm.backends.vllm.server import server_command
+from fusion_llm.core.config import FusionConfig
 
 
 def _config(**vllm) -> FusionConfig:

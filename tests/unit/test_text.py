@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_llm.text import REPLACEMENT_CHAR, IncrementalText, cut_at_stop, stop_prefix_length
+from fusion_llm.core.text import REPLACEMENT_CHAR, IncrementalText, cut_at_stop, stop_prefix_length
 from fusion_llm.tiny import build_tokenizer as build_fresh_tokenizer
 
 build_tokenizer = cache(build_fresh_tokenizer)  # training the tiny BPE once is enough

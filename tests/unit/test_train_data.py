@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fusion_llm.errors import DataError, FusionError
-from fusion_llm.train.data import Record, read_jsonl, render
+from fusion_llm.core.errors import DataError, FusionError
+from fusion_llm.experts.data import Record, read_jsonl, render
 from fusion_llm.zoo import MODELS_DIR
 from fusion_llm.zoo.tokenizer import load_tokenizer
 

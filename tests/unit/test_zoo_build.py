@@ -9,8 +9,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fusion_llm.cli.zoo import register
 from fusion_llm.zoo import ZooNotBuiltError, build, zoo_config, zoo_info, zoo_path
-from fusion_llm.zoo.cli import register
 from fusion_llm.zoo.task_families import TASKS
 from fusion_llm.zoo.tokenizer import CHAT_TEMPLATE
 

@@ -1,6 +1,6 @@
 """`FusedLLM`: a LlamaIndex LLM over a fusion engine (no fusion logic here).
 
-Routing for one call (first present wins, see `fusion_llm.router`):
+Routing for one call (first present wins, see `fusion_llm.routing.router`):
     1. call keywords: `llm.complete(prompt, tasks=["math"])`, `experts=[...]` or `task="math"`;
     2. instrument tags: `with instrument_tags({"fusion_tasks": ["math"]}): query_engine.query(q)`
        (the way to route through a query engine, which passes no keywords to the LLM);
@@ -41,8 +41,10 @@ from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDI
 from pydantic import AliasChoices, BaseModel, Field, field_validator
 
 from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
-from fusion_llm.chat import chat_message, no_messages, non_text_content
-from fusion_llm.client import (
+from fusion_llm.core.errors import ConfigError
+from fusion_llm.engine import StreamChunk
+from fusion_llm.routing.chat import chat_message, no_messages, non_text_content
+from fusion_llm.routing.client import (
     FusionClient,
     RoutedGeneration,
     check_keywords,
@@ -51,9 +53,7 @@ from fusion_llm.client import (
     stop_strings,
     with_engine,
 )
-from fusion_llm.engine import StreamChunk
-from fusion_llm.errors import ConfigError
-from fusion_llm.router import CALL_KEYWORDS, Route, RoutingDecision, Source, choose_route
+from fusion_llm.routing.router import CALL_KEYWORDS, Route, RoutingDecision, Source, choose_route
 
 SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
 QA_TEMPLATE_TOKENS = 128  # LlamaIndex's default QA / refine templates, generously counted

@@ -1,0 +1,1 @@
+"""Decoders other than the in-process continuous batcher."""

@@ -1,0 +1,264 @@
+"""VllmDecoder: the engine's decoder on vLLM (`backend: vllm`), with the HF decoder's contract.
+
+Every row of a request becomes one vLLM request; one thread adds what arrived, steps vLLM's engine
+(its scheduler batches continuously over paged KV caches) and turns each output into the row events
+the engine facade already assembles (`request.RowEvent`), so `generate`, `stream`, `agenerate`,
+`astream`, per-row experts and the adapters work unchanged. vLLM's engine core and executor run in
+this process (one device), so the fusion processor's alpha and fallback flags reach each event;
+with several devices (tensor parallelism) the workers are processes and alpha reads as empty.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from dataclasses import dataclass
+
+from ...core.config import FusionConfig, GenerationSpec
+from ...core.errors import DeviceError, FusionError, RequestError, described
+from ...runtime.decoder import SHUTDOWN, stop_at_exit, typed_fault
+from ...runtime.decoding import GREEDY_TEMPERATURE
+from ...runtime.models import resolve_device
+from ...runtime.request import RowEvent, Submission, Ticket
+from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
+from .launch import check_hostable, engine_arguments, vllm_environment
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    local: int  # index within its request
+    channel: RowChannel
+    sent: int = 0  # tokens delivered
+
+
+class VllmDecoder:
+    """Owns vLLM's engine for one FusionEngine; see the module docstring."""
+
+    def __init__(self, config: FusionConfig, models_lock: threading.RLock):
+        self._config = config
+        self._models_lock = models_lock  # the processor runs the small models inside a step
+        self._incoming: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._engine = None
+        self._start_error: FusionError | None = None
+        self._rows: dict[str, _Row] = {}  # vLLM request id -> row
+        self._rows_left: dict[int, int] = {}  # id(ticket) -> its rows still in vLLM
+        self._ids = itertools.count()
+        stop_at_exit(self)
+
+    def submit(self, request, put) -> Submission:
+        """Queue a request; its events go to `put` as from the HF decoder."""
+        submission = Submission(put, 1)
+        self._queue(Ticket(request, 0, submission))
+        return submission
+
+    def start(self) -> None:
+        """Start vLLM now (otherwise the first request does); raises what keeps it from starting.
+        It starts on the decoder thread, like every later step: vLLM's CPU attention checks that
+        its metadata was built with the OpenMP thread count of the thread that runs it."""
+        started = threading.Event()
+        self._queue(started)
+        started.wait()
+        if self._engine is None:
+            raise self._start_error
+
+    def _queue(self, item) -> None:
+        with self._lock:
+            self._incoming.put(item)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(
+                    target=self._serve, name="fusion-llm-vllm", daemon=True
+                )
+                self._worker.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._incoming.put(SHUTDOWN)
+            worker.join(timeout_s)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            arrived = self._wait(block=not self._rows)
+            if arrived is None:
+                return
+            engine = self._started()
+            try:
+                for ticket in arrived:
+                    if isinstance(ticket, threading.Event):  # start(): vLLM is up (or refused)
+                        ticket.set()
+                    elif engine is None:
+                        ticket.submission.fail(self._start_error)
+                    else:
+                        self._add(engine, ticket)
+                if engine is None or not self._rows:
+                    continue
+                self._abort_cancelled(engine)
+                with self._models_lock:
+                    outputs = engine.step()
+                self._deliver(outputs)
+            except BaseException as fault:  # noqa: BLE001 - fail what it holds, never hang
+                self._fail_all(engine, fault)
+
+    def _wait(self, block: bool) -> list | None:
+        """What arrived (waiting for something when idle); None at shutdown."""
+        arrived = []
+        while True:
+            try:
+                item = self._incoming.get(block=block and not arrived)
+            except queue.Empty:
+                return arrived
+            if item is SHUTDOWN:
+                return None
+            arrived.append(item)
+
+    def _started(self):
+        """vLLM's engine, started on first use (None if it cannot start: every request fails)."""
+        if self._engine is None and self._start_error is None:
+            try:
+                self._engine = _start_engine(self._config)
+            except FusionError as err:
+                self._start_error = err
+            except Exception as err:  # noqa: BLE001 - vLLM refuses with many exception types
+                self._start_error = DeviceError(
+                    f"vLLM could not start the large model ({described(err)})"
+                )
+        return self._engine
+
+    def _add(self, engine, ticket: Ticket) -> None:
+        from vllm import TokensPrompt
+
+        request = ticket.request
+        added = []
+        try:
+            for local in range(request.rows):
+                request_id = f"fusion-{next(self._ids)}"
+                row = request.row_prompt(local, 0)
+                channel = RowChannel(row.small, row.expert_prompts)
+                with CHANNELS_LOCK:
+                    CHANNELS[request_id] = channel
+                self._rows[request_id] = _Row(ticket, local, channel)
+                self._rows_left[id(ticket)] = local + 1
+                added.append(request_id)
+                params = _sampling_params(
+                    request.spec,
+                    ticket.seeds[local],
+                    request.eos_ids,
+                    row.experts,
+                    request.mode,
+                    request_id,
+                )
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.large), params)
+        except Exception as err:  # noqa: BLE001 - vLLM's validation, or a fault of its own
+            self._forget(engine, added, abort=True)
+            if isinstance(err, (ValueError, TypeError)):
+                ticket.submission.fail(RequestError(f"vLLM rejected the request: {err}"))
+            else:
+                ticket.submission.fail(typed_fault(err))
+
+    def _abort_cancelled(self, engine) -> None:
+        cancelled = [rid for rid, row in self._rows.items() if row.ticket.submission.finished]
+        if cancelled:
+            self._forget(engine, cancelled, abort=True)
+
+    def _forget(self, engine, request_ids: list[str], abort: bool) -> None:
+        if abort and request_ids:
+            engine.abort_request(request_ids)
+        with CHANNELS_LOCK:
+            for rid in request_ids:
+                CHANNELS.pop(rid, None)
+                row = self._rows.pop(rid, None)
+                if row is not None:
+                    self._rows_left[id(row.ticket)] -= 1
+                    if not self._rows_left[id(row.ticket)]:
+                        del self._rows_left[id(row.ticket)]
+
+    def _fail_all(self, engine, fault: BaseException) -> None:
+        error = typed_fault(fault)
+        held = list(self._rows)
+        for rid in held:
+            self._rows[rid].ticket.submission.fail(error)
+        self._forget(engine, held, abort=True)
+
+    def _deliver(self, outputs) -> None:
+        events: dict[int, tuple[Ticket, list[RowEvent]]] = {}
+        ended = []
+        for output in outputs:
+            row = self._rows.get(output.request_id)
+            if row is None:
+                continue  # aborted while in flight
+            completion = output.outputs[0]
+            tokens = list(completion.token_ids)
+            with CHANNELS_LOCK:
+                steps = [
+                    row.channel.steps.pop(row.sent + i, ([], False)) for i in range(len(tokens))
+                ]
+            request = row.ticket.request
+            batch = events.setdefault(id(row.ticket), (row.ticket, []))[1]
+            for i, (token, (alpha, fallback)) in enumerate(zip(tokens, steps, strict=True)):
+                last = output.finished and i == len(tokens) - 1
+                reason = _finish_reason(completion, token, request.eos_ids) if last else None
+                batch.append(RowEvent(row.local, token, alpha, fallback, reason))
+            row.sent += len(tokens)
+            if output.finished:
+                ended.append(output.request_id)
+        for ticket, batch in events.values():
+            ticket.submission.deliver(batch)
+        for rid in ended:
+            ticket = self._rows[rid].ticket
+            self._forget(None, [rid], abort=False)
+            if id(ticket) not in self._rows_left:
+                ticket.submission.part_done()
+
+
+def _start_engine(config: FusionConfig):
+    os.environ.update(vllm_environment(config))
+    # In-process engine core and executor: the processor's row channels live in this process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import EngineArgs, LLMEngine
+
+    check_hostable(config)
+    arguments = engine_arguments(config, resolve_device(config.large))
+    if config.vllm.tensor_parallel_size * config.vllm.pipeline_parallel_size == 1:
+        arguments.setdefault("distributed_executor_backend", "uni")
+    arguments.setdefault("disable_log_stats", True)
+    return LLMEngine.from_engine_args(EngineArgs(**arguments))
+
+
+def _sampling_params(
+    spec: GenerationSpec,
+    seed: int | None,
+    eos_ids: set[int],
+    experts: list[str],
+    mode: str,
+    channel: str,
+):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    greedy = spec.temperature < GREEDY_TEMPERATURE
+    return SamplingParams(
+        max_tokens=spec.max_new_tokens,
+        temperature=0.0 if greedy else spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k or 0,
+        seed=None if greedy else seed,
+        stop=list(spec.stop),
+        stop_token_ids=sorted(eos_ids),
+        ignore_eos=spec.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args={"experts": list(experts), "fusion_mode": mode, CHANNEL_KEY: channel},
+    )
+
+
+def _finish_reason(completion, token: int, eos_ids: set[int]) -> str:
+    if token in eos_ids:
+        return "eos"
+    if completion.finish_reason == "length":
+        return "length"
+    return "stop"

@@ -1,0 +1,1 @@
+"""Pure pieces with no model inside: fusion math and solvers, config, errors, text."""

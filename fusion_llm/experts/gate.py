@@ -1,0 +1,288 @@
+"""The gate's measurement: does fusing an expert raise the likelihood of reference answers over the
+large model alone?
+
+Teacher forcing, no generation. For a prompt x and reference y_1..y_m (+ EOS), every model reads
+x + y in ONE full-sequence forward (the small base and a LoRA expert as rows of one peft forward);
+at every reference position i the fused distribution P~_i is built from that position's logits
+exactly as decoding builds it (`fusion.fusion_step`, alpha solved per step by the configured
+solver, `dynamic` by default), so
+
+    fused = sum_i log P~_i(y_i),    large = sum_i log P_i(y_i),
+    gain  = (fused - large) / (reference tokens)      nats per token, over all rows,
+
+and, because an expert can raise that likelihood by its answers' format alone (one trained on
+answers shuffled within its own task does, on the shipped family), the same gain is measured with
+each prompt paired with ANOTHER row's reference (the next row whose reference differs):
+
+    specificity = mean over rows of [ gain on the row's own reference - gain on the other one ],
+
+positive when fusion prefers the right answer to a well-formed wrong one. The verdict is
+`helps = gain >= 0 and specificity > 0` (specificity is not judged when all references are equal).
+It is stored in the expert's card (`card.py`) under the large model it was measured against; the
+router's gate reads it. Measured on the shipped family (40 eval rows per task), specificity of the
+shipped LoRA experts / of experts trained on within-task-shuffled answers: trivia +2.43 / -0.49,
+math +1.07 / -0.19, summary +1.31 / -0.04; on truthful and mc (option answers) it does not
+separate them (+0.09 / +0.09, -0.07 / -0.06), nor do their fused accuracies (the shuffled ones lift
+the large model too: what they teach there is the format). No per-step guard: docs/step_guard.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from tqdm import tqdm
+
+from ..core.errors import ContextWindowError, RequestError, UnknownExpertError
+from ..core.fusion import fusion_step, log_probs, make_solver
+from ..core.padding import padded
+from ..engine import FusionEngine, FusionPrompt
+from ..routing.card import card_path, read_card, store_verdict
+from ..runtime.models import BASE_ADAPTER, LoadedModel
+from .data import Record, read_jsonl, render
+
+Tensor = torch.Tensor
+
+
+def gate_experts(
+    engine: FusionEngine,
+    experts: Sequence[str] | None = None,
+    validation: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    mode: str = "dynamic",
+    store: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """{expert: verdict} for `experts` (default: all), measured on `validation` (JSONL with
+    references; default: each expert's held-out `validation.jsonl` from `train-expert
+    --holdout`), and stored in each expert's card unless `store` is False."""
+    if batch_size < 1 or (limit is not None and limit < 1):
+        msg = f"batch_size and limit must be at least 1, got {batch_size} and {limit}"
+        raise RequestError(msg)
+    names = list(experts) if experts is not None else list(engine.expert_names)
+    unknown = [n for n in names if n not in engine.expert_names]
+    if unknown:
+        msg = (
+            f"unknown expert(s) {', '.join(unknown)}; configured: {', '.join(engine.expert_names)}"
+        )
+        raise UnknownExpertError(msg)
+    verdicts = {}
+    for name in names:
+        spec = next(e for e in engine.config.experts if e.name == name)
+        source = Path(validation) if validation is not None else _held_out_file(spec)
+        records = read_jsonl(source)[:limit]
+        prompts, references = rows_for(engine, records, str(source))
+        fused, large, tokens = reference_log_likelihoods(
+            engine, name, prompts, references, mode, batch_size
+        )
+        specificity = _specificity(
+            engine, name, prompts, references, fused - large, tokens, mode, batch_size
+        )
+        count = float(tokens.sum())
+        measured = {
+            # refused when fusion lowers the references' likelihood, or raises a wrong answer's more
+            "helps": bool(fused.sum() >= large.sum()) and (specificity is None or specificity > 0),
+            "gain": round(float(fused.sum() - large.sum()) / count, 5),
+            "specificity": None if specificity is None else round(specificity, 5),
+            "fused_nll": round(-float(fused.sum()) / count, 5),
+            "large_nll": round(-float(large.sum()) / count, 5),
+            "rows_won": round(float((fused > large).float().mean()), 4),
+            "rows": len(records),
+            "tokens": int(count),
+            "mode": mode,
+            "validation": str(source.resolve()),
+            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+        }
+        if store:
+            measured["card"] = str(store_verdict(spec, engine.config.large, measured))
+        verdicts[name] = measured
+    return verdicts
+
+
+def _specificity(engine, name, prompts, references, own_gain, tokens, mode, batch_size):
+    """Mean per-token gain on each row's own reference minus on the next differing reference;
+    None when every reference is the same."""
+    others = [_next_different(references, i) for i in range(len(references))]
+    rows = [i for i, j in enumerate(others) if j is not None]
+    if not rows:
+        return None
+    fused, large, counts = reference_log_likelihoods(
+        engine, name, [prompts[i] for i in rows], [references[others[i]] for i in rows],
+        mode, batch_size,
+    )  # fmt: skip
+    own = own_gain[rows] / tokens[rows].clamp(min=1)
+    other = (fused - large) / counts.clamp(min=1)
+    return float((own - other).mean())
+
+
+def _next_different(references: Sequence[Sequence[int]], i: int) -> int | None:
+    for step in range(1, len(references)):
+        j = (i + step) % len(references)
+        if list(references[j]) != list(references[i]):
+            return j
+    return None
+
+
+def rows_for(
+    engine: FusionEngine, records: Sequence[Record], source: str = "validation"
+) -> tuple[list[FusionPrompt], list[list[int]]]:
+    """Each record's prompt (each model's chat template for `messages`) and reference ids (the
+    completion as the small base's template renders it, then EOS), as decoding would emit them."""
+    models = engine.models
+    tokenizer = models.large.tokenizer
+    prompts, references = [], []
+    for record in records:
+        text = render(record, models.small.tokenizer, source)
+        if record.messages:
+            prompts.append(engine.render_chat(list(record.messages[:-1])))
+        else:
+            prompts.append(FusionPrompt(text.prompt))
+        ids = tokenizer(text.completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+            ids.append(tokenizer.eos_token_id)
+        references.append(ids)
+    return prompts, references
+
+
+@torch.no_grad()
+def reference_log_likelihoods(
+    engine: FusionEngine,
+    expert: str,
+    prompts: Sequence[FusionPrompt],
+    references: Sequence[Sequence[int]],
+    mode: str = "dynamic",
+    batch_size: int = 8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """([N] fused log-likelihood, [N] large-alone log-likelihood, [N] token counts) of the
+    references, teacher-forced; tokens outside the models' common vocabulary are not counted."""
+    spec = next(e for e in engine.config.experts if e.name == expert)
+    fusion = engine.config.fusion
+    solver = make_solver(mode, torch.tensor([spec.alpha]), fusion)
+    if solver is None:
+        raise RequestError("the gate measures a fusion mode: use static, paper or dynamic")
+    fused, large, counts = [], [], []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=f"gate {expert}", mininterval=1, leave=False):
+        end = start + batch_size
+        with engine.exclusive():  # the models are shared with generation
+            batch = _batch_log_likelihoods(
+                engine, expert, prompts[start:end], references[start:end], solver
+            )
+        for total, part in zip((fused, large, counts), batch, strict=True):
+            total.append(part)
+    return torch.cat(fused), torch.cat(large), torch.cat(counts)
+
+
+def teacher_forced_logits(
+    engine: FusionEngine,
+    expert: str,
+    prompts: Sequence[FusionPrompt],
+    references: Sequence[Sequence[int]],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[T, V] logits of the large model, the small base and `expert` at every reference position
+    (rows concatenated, V the common vocabulary), and the [T] reference tokens they predict."""
+    models = engine.models
+    vocab = models.vocab_size
+    large_text = [p.large or p.text for p in prompts]
+    small_text = [p.small or p.text for p in prompts]
+    z_large = _reference_logits(models.large, large_text, prompts, references)  # [T, V]
+    small = models.small
+    if expert in models.lora_experts:
+        rows = [BASE_ADAPTER] * len(prompts) + [models.lora_experts[expert]] * len(prompts)
+        both = _reference_logits(
+            small, small_text * 2, [*prompts, *prompts], [*references, *references], rows
+        )
+        z_small, z_expert = both.chunk(2)  # [T, V] each: positions are laid out row by row
+    else:
+        base_rows = [BASE_ADAPTER] * len(prompts) if isinstance(small.model, PeftModel) else None
+        z_small = _reference_logits(small, small_text, prompts, references, base_rows)
+        owner = models.full_experts[expert]
+        expert_text = [p.experts.get(expert, s) for p, s in zip(prompts, small_text, strict=True)]
+        z_expert = _reference_logits(owner, expert_text, prompts, references)
+    targets = torch.tensor([t for ref in references for t in ref], device=z_large.device)  # [T]
+    device = z_large.device
+    return (
+        z_large[:, :vocab], z_small.to(device)[:, :vocab], z_expert.to(device)[:, :vocab], targets,
+    )  # fmt: skip
+
+
+def _batch_log_likelihoods(engine, expert, prompts, references, solver):
+    z_large, z_small, z_expert, targets = teacher_forced_logits(engine, expert, prompts, references)
+    vocab = z_large.shape[-1]
+    counted = targets < vocab
+    safe = torch.where(counted, targets, 0)[:, None]
+    step = fusion_step(
+        z_large, z_small, z_expert[:, None],
+        torch.ones(len(targets), 1, dtype=torch.bool, device=z_large.device), solver,
+    )  # fmt: skip
+    fused_token = log_probs(step.logits).gather(-1, safe)[:, 0] * counted  # [T]
+    large_token = log_probs(z_large).gather(-1, safe)[:, 0] * counted  # [T]
+    row = torch.repeat_interleave(
+        torch.arange(len(references), device=targets.device),
+        torch.tensor([len(r) for r in references], device=targets.device),
+    )
+
+    def per_row(values: Tensor) -> Tensor:
+        return torch.zeros(len(references), device=values.device).index_add_(0, row, values.float())
+
+    return per_row(fused_token).cpu(), per_row(large_token).cpu(), per_row(counted).cpu()
+
+
+def _reference_logits(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    prompts: Sequence[FusionPrompt],
+    references: Sequence[Sequence[int]],
+    adapter_names: list[str] | None = None,
+) -> Tensor:
+    """The logits that predict each reference token, rows concatenated: [sum of lengths, V].
+
+    Left padding puts every reference at the end of its row, so one `logits_to_keep` window holds
+    all of them.
+    """
+    sequences = []
+    for text, prompt, reference in zip(texts, prompts, references, strict=True):
+        ids = loaded.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+        sequences.append(_fit(ids, list(reference), loaded))
+    ids, mask = padded(sequences, loaded.tokenizer.pad_token_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(len(r) for r in references) + 1
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    device = loaded.input_device
+    logits = loaded.model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep,
+        **extra,
+    ).logits  # [B, keep, V]: position j predicts the token at width - keep + j + 1
+    parts = [logits[row, keep - 1 - len(r) : keep - 1] for row, r in enumerate(references)]
+    return torch.cat(parts).float()
+
+
+def _fit(prompt: list[int], reference: list[int], loaded: LoadedModel) -> list[int]:
+    """prompt + reference, dropping the oldest prompt tokens when over the context window."""
+    window = loaded.context_window
+    if window is None or len(prompt) + len(reference) <= window:
+        return prompt + reference
+    if len(reference) >= window:
+        msg = f"a reference of {len(reference)} tokens does not fit the {loaded.name}'s context window of {window}"
+        raise ContextWindowError(msg)
+    return prompt[len(prompt) + len(reference) - window :] + reference
+
+
+def _held_out_file(spec) -> Path:
+    name = read_card(spec).get("validation")
+    if not name:
+        msg = (
+            f"expert {spec.name!r} has no held-out validation rows in {card_path(spec)}; pass "
+            "--validation FILE (JSONL with references) or retrain it with --holdout N"
+        )
+        raise RequestError(msg)
+    return card_path(spec).parent / name
