@@ -30,14 +30,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ..core import fusion as F
+from ..core.config import FUSED_MODES
 from ..core.padding import padded
 from ..engine import FusionEngine
 from ..runtime.decoding import CacheRunner, RowPrompt, SmallPool, build_sampler, stop_checker
 from ..runtime.models import BASE_ADAPTER
 from .baselines import hf_generate, proxy_tuning_generate
 from .families import SHAPES, family_config, random_prompts, write_family
-
-MODES = ("none", "static", "paper", "dynamic")
 
 
 @dataclass
@@ -107,7 +106,7 @@ def step_variants(engine, prompts_for, batches, experts, new_tokens, device) -> 
         for k in experts:
             for kind in ("full", "lora"):
                 names = [f"{kind}{i}" for i in range(k)]
-                for mode in MODES[1:]:
+                for mode in FUSED_MODES:
                     variants[f"{mode}|{kind}|k{k}|b{batch}"] = engine_step(
                         engine, prompts, names, mode, new_tokens, device
                     )
@@ -159,7 +158,7 @@ def part_variants(
             device,
         ),
     }
-    for mode in MODES[1:]:
+    for mode in FUSED_MODES:
         solver = F.make_solver(
             mode,
             torch.ones(k),

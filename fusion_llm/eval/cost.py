@@ -11,7 +11,8 @@ measured inference time.
 
 from __future__ import annotations
 
-from .reproduce import FUSION_MODES, Row, RowResult, table1
+from ..core.config import FUSED_MODES
+from .reproduce import Row, RowResult, table1
 from .tasks import TASKS
 
 
@@ -20,20 +21,20 @@ def cost_rows() -> list[Row]:
     return [
         row
         for row in table1().rows
-        if row.mode in FUSION_MODES or (row.mode == "none" and row.model.startswith("large"))
+        if row.mode in FUSED_MODES or (row.mode == "none" and row.model.startswith("large"))
     ]
 
 
 def trained_models(row: Row) -> list[str]:
     """The zoo models `row` needs fine-tuned, one per task (none for the large base)."""
-    if row.mode in FUSION_MODES:
+    if row.mode in FUSED_MODES:
         return [f"{row.source}-{task}" for task in TASKS]  # the full fine-tunes fusion rows fuse
     return [] if row.model == "large" else [row.model.format(task=task) for task in TASKS]
 
 
 def inference_row(row: Row) -> str:
     """The row whose measured inference time `row` is charged."""
-    return row.name if row.mode in FUSION_MODES else "large base"
+    return row.name if row.mode in FUSED_MODES else "large base"
 
 
 def timed_rows() -> list[Row]:

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..core.config import FUSED_MODES
 from ..core.errors import RequestError
 from ..engine import FusionEngine, FusionPrompt
 from ..zoo import MODELS_DIR, read_manifest, zoo_config, zoo_path
@@ -22,7 +23,6 @@ from ..zoo.scales import get_scale
 from .metrics import score
 from .tasks import SEEN_TASKS, TASKS, TaskExample, few_shot_prompt, load_task
 
-FUSION_MODES = ("static", "paper", "dynamic")
 SOURCES = ("small", "mid")
 ICL_SHOTS = 5
 
@@ -79,7 +79,7 @@ def table1() -> Table:
         rows.append(Row(expert, "none", model=f"{source}-{{task}}", group=source))
         rows += [
             Row(f"{mode} from {source}", mode, source=source, group=source, own_expert=expert)
-            for mode in FUSION_MODES
+            for mode in FUSED_MODES
         ]
     return Table("table1", tuple(rows), full_ft="large full FT")
 

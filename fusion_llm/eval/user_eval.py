@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..core.config import FusionConfig, ModelSpec
+from ..core.config import FUSED_MODES, FusionConfig, ModelSpec
 from ..core.errors import RequestError, UnknownExpertError
 from ..engine import FusionEngine, FusionPrompt, Generation
 from ..experts.data import Record, read_jsonl
@@ -38,7 +38,6 @@ METRICS: dict[str, Callable[[str, str], float]] = {
     "rouge2": rouge2,
     "choice": choice_accuracy,
 }
-FUSION_MODES = ("static", "paper", "dynamic")
 
 
 @dataclass
@@ -141,7 +140,7 @@ def _run(
     for start in range(0, len(prompts), batch_size):
         generations += engine.generate(
             prompts[start : start + batch_size],
-            experts=names if row.mode in FUSION_MODES else [],
+            experts=names if row.mode in FUSED_MODES else [],
             mode=row.mode,
             truncate_prompt=True,  # a k-shot prompt over the context keeps its last shots
             **settings,
@@ -155,7 +154,7 @@ def _rows(names: list[str], shots: int) -> list[Row]:
     own = f"{names[0]} alone" if len(names) == 1 else None
     rows = [Row("large alone", "none", group="all")]
     rows += [Row(f"{name} alone", "none", model=name, group="all") for name in names]
-    rows += [Row(mode, mode, group="all", own_expert=own) for mode in FUSION_MODES]
+    rows += [Row(mode, mode, group="all", own_expert=own) for mode in FUSED_MODES]
     if shots:
         rows += [
             Row(f"large alone {shots}-shot", "none", large_shots=shots, group="all"),
