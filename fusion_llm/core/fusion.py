@@ -14,9 +14,20 @@ The fusion objective (Eq. 3 for one expert, Eq. 5 for several) asks the large mo
 
     L(alpha) = sum_t active [ (KL(P~ || P) - f_t)^2 + (KL(P || P~) - r_t)^2 ].
 
+Constraints: a token whose large-model logit is -inf (a grammar, min_tokens, allowed ids, bad
+words: what a caller masks) is not allowed. With A the allowed tokens of a row, all three
+distributions are restricted to A and renormalised, P_A = P / P(A) on A (likewise Q_A, Q_t,A), alpha
+is solved on them, and the fused distribution is 0 outside A:
+
+    P~ = softmax(log P_A + sum_t alpha_t (log Q_t,A - log Q_A))  on A,   P~ = 0 off A.
+
+With every token allowed this is the unconstrained fusion, bit for bit. A row with no allowed
+(finite) token is a fault; NaN or +inf anywhere still makes the row fall back to the large model.
+
 Order of operations in one decoding step:
-    1. log-softmax every model's logits (`log_probs`), drop rows with non-finite values (`finite_rows`);
-    2. shifts d_t and targets f_t, r_t from the small models (`expert_shifts`);
+    1. log-softmax every model's logits restricted to the allowed tokens (`log_probs`), drop rows
+       with NaN or +inf, or with non-finite small-model values on allowed tokens (`finite_rows`);
+    2. shifts d_t and targets f_t, r_t from the small models (`expert_shifts`), 0 off A;
     3. alpha from the mode: zeros (`none`), fixed (`static`), grid (`paper_alpha`) or
        continuous (`dynamic_alpha`);
     4. fused logits (`fuse`), then sampling (elsewhere).
@@ -55,9 +66,16 @@ def finite_rows(*logits: Tensor) -> Tensor:
     return ok
 
 
-def expert_shifts(small_logp: Tensor, expert_logp: Tensor) -> ExpertShifts:
-    """d_t = log Q_t - log Q;  f_t = sum_v Q_t (log Q_t - log Q);  r_t = sum_v Q (log Q - log Q_t)."""
+def expert_shifts(
+    small_logp: Tensor, expert_logp: Tensor, allowed: Tensor | None = None
+) -> ExpertShifts:
+    """d_t = log Q_t - log Q;  f_t = sum_v Q_t (log Q_t - log Q);  r_t = sum_v Q (log Q - log Q_t).
+
+    `allowed` [B, V]: the tokens the distributions are restricted to (both log-probabilities are
+    -inf elsewhere); d_t is 0 off them, so no token outside shifts the large model or counts."""
     deltas = expert_logp - small_logp[:, None, :]  # [B, T, V]
+    if allowed is not None:
+        deltas = torch.where(allowed[:, None, :], deltas, 0.0)
     forward_kl = (expert_logp.exp() * deltas).sum(-1)  # [B, T]
     reverse_kl = -(small_logp.exp()[:, None, :] * deltas).sum(-1)  # [B, T]
     return ExpertShifts(deltas, forward_kl, reverse_kl)
@@ -502,29 +520,42 @@ def fusion_step(
 ) -> FusedStep:
     """Steps 1-4 of the module docstring for raw logits [B, V], [B, V], [B, T, V].
 
-    A row where any model's logits are not finite falls back to the large model (flagged); a row
-    where the large model itself has no finite logit cannot be sampled: it is flagged in `fault`
-    (its logits are zeros) and the caller ends that row alone, the other rows go on. Every input
-    is masked rather than branched on, so the step never reads a tensor back to the host.
+    -inf in a large row is a constraint (see the module docstring): the fused row is -inf there
+    too. A row where any model has NaN or +inf, or a small model a non-finite logit on an allowed
+    token, falls back to the large model (flagged); a row where the large model has no finite logit
+    cannot be sampled: it is flagged in `fault` (its logits are zeros) and the caller ends that row
+    alone, the other rows go on. Every input is masked rather than branched on, so the step never
+    reads a tensor back to the host.
     """
     fused_models = solver is not None and expert_logits is not None and expert_logits.shape[1] > 0
     batch = large_logits.shape[0]
-    large_ok = torch.isfinite(large_logits)
-    fault = ~large_ok.any(dim=-1)  # [B]
+    allowed = torch.isfinite(large_logits)  # [B, V]
+    fault = ~allowed.any(dim=-1)  # [B]
     # A faulty row reads as uniform zeros so the batch can still be sampled; the caller drops it.
-    large_ok |= fault[:, None]
+    allowed |= fault[:, None]
     large_logits = torch.where(fault[:, None], 0.0, large_logits)
-    large_logp = log_probs(torch.where(large_ok, large_logits, -torch.inf))
-    ok = large_ok.all(dim=-1) & ~fault
+    large_logp = log_probs(torch.where(allowed, large_logits, -torch.inf))
+    ok = (allowed | (large_logits == -torch.inf)).all(dim=-1) & ~fault  # no NaN or +inf
     if not fused_models:
         width = 0 if expert_logits is None else expert_logits.shape[1]
         return FusedStep(large_logp, large_logp.new_zeros(batch, width), ~ok, fault)
-    ok &= finite_rows(small_logits, expert_logits)
+    ok &= finite_rows(
+        torch.where(allowed, small_logits, 0.0), torch.where(allowed[:, None], expert_logits, 0.0)
+    )
     keep = ok[:, None]
     clean_large = torch.where(keep, large_logp, 0.0)
+    # Fallback rows read as uniform zeros (every token allowed) so the solver stays finite.
+    restrict = allowed | ~keep  # [B, V]
     shifts = expert_shifts(
-        log_probs(torch.where(keep, small_logits, 0.0)),
-        log_probs(torch.where(keep[..., None], expert_logits, 0.0)),
+        log_probs(torch.where(keep, torch.where(restrict, small_logits, -torch.inf), 0.0)),
+        log_probs(
+            torch.where(
+                keep[..., None],
+                torch.where(restrict[:, None], expert_logits, -torch.inf),
+                0.0,
+            )
+        ),
+        restrict,
     )
     alpha = solver(clean_large, shifts, active) * keep
     fused = torch.where(keep, fuse(clean_large, shifts.deltas, alpha), large_logp)
