@@ -17,6 +17,7 @@ import re
 
 from _setup import add_model_arguments, fusion_config
 from langchain_core.messages import HumanMessage
+from langchain_core.runnables import Runnable
 from langchain_core.tools import tool
 from langchain_fusion_llm import ChatFusedLLM, FusedLLM
 
@@ -50,10 +51,9 @@ def _evaluate(node: ast.AST) -> float:
     raise ValueError(f"not an arithmetic expression: {ast.dump(node)}")
 
 
-def tool_agent(config, task: str, question: str, max_new_tokens: int) -> str:
+def tool_agent(chat: ChatFusedLLM, question: str) -> str:
     from langchain.agents import create_agent
 
-    chat = ChatFusedLLM.from_config(config, max_tokens=max_new_tokens, route=[task])
     agent = create_agent(chat, tools=[calculate])
     state = agent.invoke({"messages": [HumanMessage(question)]}, {"recursion_limit": 8})
     for message in state["messages"]:
@@ -61,8 +61,7 @@ def tool_agent(config, task: str, question: str, max_new_tokens: int) -> str:
     return state["messages"][-1].text
 
 
-def react_loop(config, task: str, question: str, max_new_tokens: int, max_steps: int = 4) -> str:
-    llm = FusedLLM.from_config(config, max_tokens=max_new_tokens).bind(task=task)
+def react_loop(llm: Runnable[str, str], question: str, max_steps: int = 4) -> str:
     transcript = REACT_PROMPT.format(question=question)
     for _ in range(max_steps):
         step = llm.invoke(transcript, stop=["Observation:"])
@@ -88,12 +87,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--question", default="What is 19 - 19 + 14?")
     args = parser.parse_args(argv)
     config = fusion_config(args.config, [args.solve_task])
-    if ChatFusedLLM.from_config(config).client.supports_tools():
+    chat = ChatFusedLLM.from_config(config, max_tokens=args.max_new_tokens, route=[args.solve_task])
+    if chat.client.supports_tools():
         print("agent: create_agent with tool calling")
-        answer = tool_agent(config, args.solve_task, args.question, args.max_new_tokens)
+        answer = tool_agent(chat, args.question)
     else:
         print("agent: ReAct-style prompt chain (the chat template has no tools)")
-        answer = react_loop(config, args.solve_task, args.question, args.max_new_tokens)
+        llm = FusedLLM.from_engine(chat.engine, max_tokens=args.max_new_tokens)  # the same models
+        answer = react_loop(llm.bind(task=args.solve_task), args.question)
     print(f"answer: {answer}")
     return answer
 

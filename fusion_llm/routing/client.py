@@ -1,5 +1,6 @@
 """What the LangChain and LlamaIndex adapters share: one engine per config, routed generation and
-the metadata they report (chat messages and tool calls: `chat.py`). Imports neither framework.
+the metadata they report (chat messages and tool calls: `chat.py`; the adapters' fields:
+`fields.py`). Imports neither framework.
 
 An adapter translates its framework's messages and parameters into a `FusionClient` call and the
 `RoutedGeneration`s back into framework objects; the client routes (see `router.py`), groups rows
@@ -9,16 +10,16 @@ that share experts into one engine batch each, and runs the engine.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import threading
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..core.config import FusionConfig
-from ..core.errors import ConfigError, RequestError
+from ..core.errors import RequestError
 from ..engine import FusionEngine, FusionPrompt, Generation, StreamChunk
 from .chat import NO_TOOL_TEMPLATE, end_of_turn, no_messages
 from .compose import WeightComposer
@@ -28,38 +29,24 @@ T = TypeVar("T")
 
 COMPOSE_MODES = ("logits", "weights", "both")
 
-_engines: dict[str, FusionEngine] = {}
+# The engines of the configs adapters were built from, by config (its canonical JSON): adapters
+# built from equal configs share one engine, so its models load once. Weak: an engine leaves the
+# registry once no adapter (nor anything else) holds it, and its models are freed.
+_engines: weakref.WeakValueDictionary[str, FusionEngine] = weakref.WeakValueDictionary()
 _engines_lock = threading.Lock()
 
 
 def shared_engine(config: FusionConfig | dict[str, Any] | str | Path) -> FusionEngine:
-    """The engine of a config, shared by every adapter built from an equal config (lazy: cheap)."""
+    """The engine of a config, shared by every holder of an equal config (lazy: cheap)."""
     resolved = FusionConfig.load(
         str(Path(config).resolve()) if isinstance(config, (str, Path)) else config
     )
     key = resolved.model_dump_json()
     with _engines_lock:
-        if key not in _engines:
-            _engines[key] = FusionEngine(resolved)
-        return _engines[key]
-
-
-def with_engine(fields: dict[str, Any]) -> dict[str, Any]:
-    """An adapter's fields with its engine attached: `engine`, or the shared engine of
-    `config_path` (kept as a string).
-
-    Adapters call this in `__init__`, before pydantic validates their fields: pydantic would wrap
-    a ConfigError raised inside a validator into a ValidationError.
-    """
-    engine, config_path = fields.get("engine"), fields.get("config_path")
-    if isinstance(config_path, Path):
-        config_path = fields["config_path"] = str(config_path)
-    if engine is None:
-        if config_path is None:
-            msg = "give `engine=` (a FusionEngine) or `config_path=` (a fusion config file)"
-            raise ConfigError(msg)
-        fields["engine"] = shared_engine(config_path)
-    return fields
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = FusionEngine(resolved)
+        return engine
 
 
 def stop_strings(*sources: str | Sequence[str] | None) -> list[str] | None:
@@ -72,17 +59,6 @@ def stop_strings(*sources: str | Sequence[str] | None) -> list[str] | None:
             raise RequestError(msg)
         stops.extend(items)
     return list(dict.fromkeys(stops)) or None
-
-
-def check_keywords(kwargs: Mapping[str, Any], accepted: Collection[str]) -> None:
-    """Refuse call keywords an adapter does not know (a typo must not be silently ignored)."""
-    for key in kwargs:
-        if key in accepted:
-            continue
-        close = difflib.get_close_matches(key, sorted(accepted), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        msg = f"unknown call keyword {key!r}; {hint}accepted: {', '.join(sorted(accepted))}"
-        raise RequestError(msg)
 
 
 @dataclass
@@ -121,7 +97,8 @@ class FusionClient:
     `compose`: how several active experts combine: "logits" (joint dynamic alpha over the experts,
     the engine's fusion), "weights" (one expert merged by task arithmetic, see `compose.py`,
     written under `compose_dir`, default a folder in the temp directory) or "both" (the experts
-    and their merge, fused by joint alpha).
+    and their merge, fused by joint alpha). The client holds the engines of the merges it ran, so
+    they stay loaded as long as the client (the registry of shared engines holds them weakly).
     """
 
     def __init__(
@@ -146,6 +123,7 @@ class FusionClient:
         self.router = TaskRouter(engine, threshold, max_experts)
         self.compose = compose
         self.compose_dir = compose_dir
+        self._merged_engines: dict[tuple[str, ...], FusionEngine] = {}
 
     def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None
@@ -270,10 +248,10 @@ class FusionClient:
         """The engine and expert names that run an expert set (under "weights": one merged expert)."""
         if self.compose == "logits" or len(experts) < 2:
             return self.engine, experts
-        composer = WeightComposer(self.engine, self.compose_dir)
-        config = composer.config_for(experts)
+        config = WeightComposer(self.engine, self.compose_dir).config_for(experts)
         merged = config.expert_names[-1]
-        return shared_engine(config), [merged] if self.compose == "weights" else [*experts, merged]
+        engine = self._merged_engines[tuple(experts)] = shared_engine(config)
+        return engine, [merged] if self.compose == "weights" else [*experts, merged]
 
     def _decide(
         self,

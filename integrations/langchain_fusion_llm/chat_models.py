@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from langchain_core.callbacks import (
@@ -26,6 +26,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
 
 from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.routing.chat import (
@@ -37,33 +38,32 @@ from fusion_llm.routing.chat import (
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .batching import batch_runs
-from .params import FusionFields
+from .base import FusionLanguageModel
 from .structured import RoutedBinding, structured_output
 
 # Content blocks of an AI message that restate its `tool_calls` (rendered from those).
 TOOL_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
 
 
-class ChatFusedLLM(FusionFields, BaseChatModel):
+class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
     """A large chat model decoded with small task experts by dynamic logit fusion.
 
     >>> chat = ChatFusedLLM(config_path="fusion.yaml")
     >>> chat.bind(task="math").invoke("What is 2 + 3?").content
 
-    See `langchain_fusion_llm.params` for the fields and the routing precedence. Replies stop at
-    the end of the assistant turn of the large model's chat template.
+    See `langchain_fusion_llm.base` for the routing precedence. Replies stop at the end of the
+    assistant turn of the large model's chat template.
     """
+
+    streaming: bool = Field(
+        default=False, description="Stream tokens to callbacks during `invoke` as well."
+    )
 
     extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools",)
 
     @property
     def _llm_type(self) -> str:
         return "fusion-llm-chat"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._fusion_params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         return {"ls_model_type": "chat", **self._ls_fields(stop, kwargs)}
@@ -76,7 +76,8 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._generate_rows([messages], stop, [run_manager], **kwargs)[0]
+        (result,) = self._generate_rows([messages], stop, [run_manager], kwargs)
+        return result
 
     async def _agenerate(
         self,
@@ -136,33 +137,6 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
                 await run_manager.on_llm_new_token(piece.text, chunk=chunk)
             yield chunk
 
-    # -- batches: one engine batch per expert set ------------------------------------------
-    def batch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[BaseMessage | Exception]:
-        if len(inputs) < 2 or self._caches():
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        return batch_runs(self, inputs, config, return_exceptions, kwargs)
-
-    async def abatch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[BaseMessage | Exception]:
-        if len(inputs) < 2 or self._caches():
-            return await super().abatch(
-                inputs, config, return_exceptions=return_exceptions, **kwargs
-            )
-        return await asyncio.to_thread(batch_runs, self, inputs, config, return_exceptions, kwargs)
-
     # -- bindings that keep routing in structured output -------------------------------------
     def bind(self, **kwargs: Any) -> RoutedBinding:
         return RoutedBinding(bound=self, kwargs=kwargs, config={})
@@ -209,14 +183,14 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
     def _generate_rows(
         self,
         message_lists: Sequence[list[BaseMessage]],
-        stop: str | list[str] | None,
+        stop: list[str] | None,
         run_managers: Sequence[CallbackManagerForLLMRun | None],
+        kwargs: dict[str, Any],
         return_exceptions: bool = False,
-        **kwargs: Any,
     ) -> list[ChatResult | Exception]:
         """Route each row with its own run manager; one engine batch per expert set."""
         tools = kwargs.get("tools")
-        overrides = self._overrides(stop, kwargs, self.client.chat_stops())
+        overrides = self.engine_keywords(kwargs, self.max_tokens, stop, self.client.chat_stops())
         routed = self._routed_rows(
             lambda messages: self._prompt(messages, tools),
             message_lists,
@@ -230,30 +204,8 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
             for r in routed
         ]
 
-    def _batch_payload(self, value: LanguageModelInput) -> list[BaseMessage]:
-        return self._convert_input(value).to_messages()
-
-    def _start_batch_run(
-        self,
-        callback_manager: CallbackManager,
-        messages: list[BaseMessage],
-        stop: Any,
-        kwargs: dict[str, Any],
-        **run: Any,
-    ) -> CallbackManagerForLLMRun:
-        invocation_params = self._get_invocation_params(stop=stop, **kwargs)
-        (manager,) = callback_manager.on_chat_model_start(
-            self._serialized, [messages], invocation_params=invocation_params, **run
-        )
-        return manager
-
-    def _batch_output(self, result: ChatResult) -> tuple[LLMResult, BaseMessage]:
-        run_result = LLMResult(generations=[result.generations], llm_output=result.llm_output)
-        return run_result, result.generations[0].message
-
     def _whole_reply_chunk(self, messages, stop, run_manager, kwargs) -> ChatGenerationChunk:
-        (result,) = self._generate_rows([messages], stop, [run_manager], **kwargs)
-        generation = result.generations[0]
+        generation = self._generate(messages, stop, run_manager, **kwargs).generations[0]
         message = generation.message
         chunk = AIMessageChunk(
             content=message.content,
@@ -268,14 +220,24 @@ class ChatFusedLLM(FusionFields, BaseChatModel):
         return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
     def _start_stream(self, messages, stop, run_manager, kwargs):
-        client = self.client
-        overrides = self._overrides(stop, kwargs, client.chat_stops())
+        overrides = self.engine_keywords(kwargs, self.max_tokens, stop, self.client.chat_stops())
         route, source = self._route(kwargs, run_manager)
-        return client.stream(self._prompt(messages), route, source, **overrides)
+        return self.client.stream(self._prompt(messages), route, source, **overrides)
 
     def _prompt(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> FusionPrompt:
         turns = [convert_message(m, i) for i, m in enumerate(messages)]
         return self.client.chat_prompt(turns, tools)
+
+    # -- batch hooks (see FusionLanguageModel.batch) ---------------------------------------------
+    def _batch_payload(self, value: LanguageModelInput) -> list[BaseMessage]:
+        return self._convert_input(value).to_messages()
+
+    def _run_starter(self, callbacks: CallbackManager) -> Callable[..., list]:
+        return callbacks.on_chat_model_start
+
+    def _batch_output(self, result: ChatResult) -> tuple[LLMResult, BaseMessage]:
+        run_result = LLMResult(generations=[result.generations], llm_output=result.llm_output)
+        return run_result, result.generations[0].message
 
 
 def convert_message(message: BaseMessage, index: int = 0) -> dict[str, Any]:

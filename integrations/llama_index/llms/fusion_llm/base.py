@@ -1,5 +1,8 @@
 """`FusedLLM`: a LlamaIndex LLM over a fusion engine (no fusion logic here).
 
+The fields both frameworks expose live in `fusion_llm.routing.fields.AdapterFields`; LlamaIndex
+adds `max_new_tokens` (alias `max_tokens`) and `context_window`.
+
 Routing for one call (first present wins, see `fusion_llm.routing.router`):
     1. call keywords: `llm.complete(prompt, tasks=["math"])`, `experts=[...]` or `task="math"`;
     2. instrument tags: `with instrument_tags({"fusion_tasks": ["math"]}): query_engine.query(q)`
@@ -18,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -38,89 +40,31 @@ from llama_index.core.instrumentation.dispatcher import active_instrument_tags
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDING_SIZE
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from fusion_llm import FusionConfig, FusionEngine, FusionPrompt
-from fusion_llm.core.errors import ConfigError
+from fusion_llm import FusionPrompt
 from fusion_llm.engine import StreamChunk
 from fusion_llm.routing.chat import chat_message, no_messages, non_text_content
-from fusion_llm.routing.client import (
-    FusionClient,
-    RoutedGeneration,
-    check_keywords,
-    iterate_in_thread,
-    shared_engine,
-    stop_strings,
-    with_engine,
-)
-from fusion_llm.routing.router import CALL_KEYWORDS, Route, RoutingDecision, Source, choose_route
+from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
+from fusion_llm.routing.fields import AdapterFields, token_limit_field
+from fusion_llm.routing.router import Route, RoutingDecision, Source, choose_route
 
-SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
 QA_TEMPLATE_TOKENS = 128  # LlamaIndex's default QA / refine templates, generously counted
-CALL_KEYWORD_NAMES = (*CALL_KEYWORDS, *SAMPLING_KEYWORDS, "max_new_tokens", "max_tokens", "stop")
 
 
-class FusedLLM(CustomLLM):
+class FusedLLM(AdapterFields, CustomLLM):
     """A large language model decoded with small task experts by dynamic logit fusion.
 
     >>> llm = FusedLLM(config_path="fusion.yaml")
     >>> llm.complete("Question: 2 + 3 = ?\\nAnswer:", tasks=["math"]).text
     """
 
-    engine: FusionEngine | None = Field(default=None, repr=False, exclude=True)
-    """The fusion engine (models load on first use). Built from `config_path` when not given."""
-    config_path: str | None = None
-    """Fusion config file (YAML/TOML/JSON); LLMs built from equal configs share one engine."""
-    route: Route = "all"
-    """Experts when no call keyword or instrument tag names them (see the module docstring)."""
-    router_threshold: float = 0.0
-    """`auto` routing: minimum log-likelihood gain per prompt token (nats) to activate an expert."""
-    max_experts: int | None = None
-    """`auto` routing: keep at most this many experts per prompt (None: no limit)."""
-    compose: str = "logits"
-    """Several active experts combine by "logits" (joint alpha), "weights" (merged) or "both"."""
-    compose_dir: str | None = None
-    """Where merged experts are written under compose="weights" (None: the temp directory)."""
-    mode: str | None = None
-    """Fusion mode: "dynamic", "paper", "static" or "none" (None: the engine config's)."""
-    max_new_tokens: int | None = Field(
-        default=None, validation_alias=AliasChoices("max_new_tokens", "max_tokens")
+    max_new_tokens: int | None = token_limit_field("max_new_tokens")
+    context_window: int | None = Field(
+        default=None,
+        description="Context window reported to LlamaIndex (None: the engine's, less the chat "
+        "template's).",
     )
-    """Maximum number of new tokens (alias `max_tokens`), also `metadata.num_output` (None: the
-    engine config's)."""
-    temperature: float | None = None
-    """Sampling temperature; 0 is greedy (None: the engine config's)."""
-    top_k: int | None = None
-    """Sample from the k most likely tokens only (None: the engine config's)."""
-    top_p: float | None = None
-    """Nucleus sampling mass (None: the engine config's)."""
-    seed: int | None = None
-    """Sampler seed; same seed, same output (None: the engine config's)."""
-    stop: list[str] | None = None
-    """Stop strings (a bare string is one), cut from the output; call-time `stop` is added."""
-    context_window: int | None = None
-    """Context window reported to LlamaIndex (None: the engine's, less the chat template's)."""
-
-    def __init__(self, **fields: Any) -> None:
-        super().__init__(**with_engine(fields))
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop_string(cls, stop: Any) -> Any:
-        return [stop] if isinstance(stop, str) else stop
-
-    @classmethod
-    def from_engine(cls, engine: FusionEngine, **fields: Any) -> FusedLLM:
-        """An LLM over an existing engine (LangChain models can share it)."""
-        return cls(engine=engine, **fields)
-
-    @classmethod
-    def from_config(
-        cls, config: FusionConfig | dict[str, Any] | str | Path, **fields: Any
-    ) -> FusedLLM:
-        """An LLM over the shared engine of `config` (a file path, dict or FusionConfig)."""
-        path = str(config) if isinstance(config, (str, Path)) else None
-        return cls(engine=shared_engine(config), config_path=path, **fields)
 
     @classmethod
     def class_name(cls) -> str:
@@ -137,10 +81,10 @@ class FusedLLM(CustomLLM):
         `response_mode="simple_summarize"` or `"tree_summarize"` to `as_query_engine` (a warning
         says so when the window is that small).
         """
-        engine = self._engine()
+        client = self.client
+        engine = client.engine
         window = self.context_window or (
-            (engine.context_window or DEFAULT_CONTEXT_WINDOW)
-            - self._client().chat_overhead_tokens()
+            (engine.context_window or DEFAULT_CONTEXT_WINDOW) - client.chat_overhead_tokens()
         )
         num_output = self.max_new_tokens or engine.config.generation.max_new_tokens
         if window - num_output < DEFAULT_RESPONSE_PADDING_SIZE + QA_TEMPLATE_TOKENS:
@@ -160,8 +104,10 @@ class FusedLLM(CustomLLM):
 
     def __getstate__(self) -> dict[str, Any]:
         # BaseModel's state, not BaseComponent's: that one trial-pickles every field (the weights).
+        # Unpickling calls `__init__`, which rebuilds the engine from config_path, and the client.
         state = BaseModel.__getstate__(self)
-        state["__dict__"] = {**state["__dict__"], "engine": None}  # rebuilt from config_path
+        state["__dict__"] = {**state["__dict__"], "engine": None}
+        state["__pydantic_private__"] = {**(state["__pydantic_private__"] or {}), "_client": None}
         return state
 
     # -- completion ------------------------------------------------------------------------
@@ -239,51 +185,31 @@ class FusedLLM(CustomLLM):
         if not messages:
             raise no_messages()
         turns = [chat_message(_role(m), _text(m, i)) for i, m in enumerate(messages)]
-        if not self._engine().has_chat_template():
+        if not self.client.engine.has_chat_template():
             return FusionPrompt(self.messages_to_prompt(messages))
-        return self._client().chat_prompt(turns)
+        return self.client.chat_prompt(turns)
 
     def _complete(
         self, prompt: FusionPrompt, kwargs: dict[str, Any], chat: bool = False
     ) -> CompletionResponse:
-        client = self._client()
-        overrides = self._overrides(kwargs, client.chat_stops() if chat else [])
-        (routed,) = client.generate([prompt], [self._route(kwargs)], **overrides)
+        (routed,) = self.client.generate(
+            [prompt], [self._route(kwargs)], **self._engine_keywords(kwargs, chat)
+        )
         return CompletionResponse(text=routed.generation.text, raw=_info(routed))
 
     def _start_stream(
         self, prompt: FusionPrompt, kwargs: dict[str, Any], chat: bool = False
     ) -> tuple[RoutingDecision, Iterator[StreamChunk]]:
-        client = self._client()
-        overrides = self._overrides(kwargs, client.chat_stops() if chat else [])
         route, source = self._route(kwargs)
-        return client.stream(prompt, route, source, **overrides)
+        return self.client.stream(prompt, route, source, **self._engine_keywords(kwargs, chat))
 
     def _route(self, kwargs: dict[str, Any]) -> tuple[Route, Source]:
         return choose_route(kwargs, active_instrument_tags.get(), None, self.route)
 
-    def _overrides(self, kwargs: dict[str, Any], chat_stops: Sequence[str]) -> dict[str, Any]:
-        """Engine keywords of one call: fields, then call keywords (routing keywords removed)."""
-        check_keywords(kwargs, CALL_KEYWORD_NAMES)
-        max_new_tokens = kwargs.get("max_new_tokens", kwargs.get("max_tokens"))
-        params = {
-            **{key: getattr(self, key) for key in SAMPLING_KEYWORDS},
-            **{key: kwargs[key] for key in SAMPLING_KEYWORDS if key in kwargs},
-            "max_new_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            "stop": stop_strings(self.stop, kwargs.get("stop"), chat_stops),
-        }
-        return {k: v for k, v in params.items() if v is not None}
-
-    def _client(self) -> FusionClient:
-        return FusionClient(
-            self._engine(), self.router_threshold, self.max_experts, self.compose, self.compose_dir
-        )
-
-    def _engine(self) -> FusionEngine:
-        if self.engine is None:
-            msg = "this FusedLLM has no engine (unpickled without a config_path); pass engine= or config_path="
-            raise ConfigError(msg)
-        return self.engine
+    def _engine_keywords(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """A chat reply also stops at the end of the assistant turn."""
+        chat_stops = self.client.chat_stops() if chat else []
+        return self.engine_keywords(kwargs, self.max_new_tokens, chat_stops)
 
 
 def _role(message: ChatMessage) -> str:
