@@ -42,6 +42,7 @@ def count_prefills(engine):
     return seen, hook
 
 
+@pytest.mark.slow
 def test_concurrent_thread_calls_equal_sequential_calls_and_share_batches(batching_engine):
     work = list(calls(32))
     expected = [batching_engine.generate(p, **kw)[0] for p, kw in work]

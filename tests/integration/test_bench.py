@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fusion_llm.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_runs_every_section_and_writes_json_and_markdown(tmp_path, capsys):
     code = main([
         "bench", "--shapes", "toy", "--batch-sizes", "1,2", "--experts", "1,2",

@@ -49,6 +49,7 @@ def test_bad_requests_exit_2_with_one_line(config_file, capsys, args, match):
     assert code == 2 and match in err and err.count("\n") == 1
 
 
+@pytest.mark.subprocess
 def test_a_bad_config_file_exits_2_from_the_installed_command(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("large: {path: /nowhere}\nsmall: {path: /nowhere}\nfusion: {alpha_min: 3}\n")
@@ -61,6 +62,7 @@ def test_a_bad_config_file_exits_2_from_the_installed_command(tmp_path):
     assert run.stderr.count("\n") == 1
 
 
+@pytest.mark.subprocess
 def test_a_reader_that_closes_the_pipe_stops_the_command_quietly():
     """`fusion-llm zoo export trivia | head -1`: no BrokenPipeError traceback."""
     command = [sys.executable, "-m", "fusion_llm.cli", "zoo", "export", "trivia"]
@@ -71,6 +73,7 @@ def test_a_reader_that_closes_the_pipe_stops_the_command_quietly():
     assert err == ""
 
 
+@pytest.mark.slow
 def test_reproduce_quick_mode_recomputes_fusion_rows_and_reads_committed_baselines(
     tmp_path, capsys
 ):

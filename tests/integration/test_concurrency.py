@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from langchain_fusion_llm import ChatFusedLLM, FusedLLM
 
 from fusion_llm import FusionEngine
 from fusion_llm.tiny import family_config
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = ["the king", "question: what city", "a river of", "article: Rome", "who is", "seven plus"]
 ROUTES = [

@@ -251,6 +251,8 @@ def test_loading_an_engine_prints_no_progress_bars_and_warns_nothing(tiny_family
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_process_that_generated_exits_cleanly(tiny_family):
     import subprocess
     import sys

@@ -22,6 +22,8 @@ from fusion_llm.experts.gate import reference_log_likelihoods, rows_for
 from fusion_llm.routing.client import FusionClient
 from fusion_llm.zoo import zoo_path
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [e.prompt for e in load_task("trivia", "eval", 4)]
 
 

@@ -79,6 +79,7 @@ def rss_after(engine, calls: int) -> int:
     return psutil.Process().memory_info().rss
 
 
+@pytest.mark.slow
 def test_repeated_generations_do_not_grow_memory(engine):
     before = rss_after(engine, 30)  # warm-up: allocator pools, caches of the tokenizer
     after = rss_after(engine, 100)
@@ -87,6 +88,7 @@ def test_repeated_generations_do_not_grow_memory(engine):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.soak
 def test_a_thousand_generations_do_not_grow_memory(engine):
     before = rss_after(engine, 50)
@@ -109,6 +111,7 @@ config_keys = st.sampled_from(
 junk_configs = st.dictionaries(config_keys, junk_values, max_size=5) | junk_values
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60,
     deadline=None,
@@ -139,6 +142,7 @@ def test_junk_config_files_exit_2_with_one_line(tmp_path, capsys, content, suffi
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @settings(
     max_examples=30,
     deadline=None,

@@ -25,6 +25,7 @@ def _json(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_full_retrains_every_large_baseline_from_the_large_base(full_run):
     root, _, out = full_run
     trained = _json(out / "baselines" / "zoo.json")["models"]
@@ -36,6 +37,7 @@ def test_full_retrains_every_large_baseline_from_the_large_base(full_run):
     assert set(merged) == set(base)  # the LoRA baseline was merged into a plain checkpoint
 
 
+@pytest.mark.slow
 def test_full_writes_baseline_results_in_the_committed_format(full_run):
     _, _, out = full_run
     committed = _json(out / "results" / "baselines.json")
@@ -46,6 +48,7 @@ def test_full_writes_baseline_results_in_the_committed_format(full_run):
     assert table1["large LoRA"]["committed"] is False and table1["large LoRA"]["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_every_table_is_written_and_rows_are_reproducible(full_run):
     root, _, out = full_run
     results = out / "results"
@@ -67,6 +70,7 @@ def test_every_table_is_written_and_rows_are_reproducible(full_run):
     assert "gap closed" in (results / "table1.md").read_text()
 
 
+@pytest.mark.slow
 def test_cost_table_uses_the_measured_train_times(full_run):
     _, manifest, out = full_run
     cost = _json(out / "results" / "table3.json")
@@ -82,6 +86,7 @@ def test_cost_table_uses_the_measured_train_times(full_run):
     assert cost["large LoRA"]["infer_s_per_1000"] == cost["large base"]["infer_s_per_1000"]
 
 
+@pytest.mark.slow
 def test_alpha_figure_has_a_paper_and_a_dynamic_trace(full_run):
     _, _, out = full_run
     assert (out / "results" / "alpha_math.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -94,6 +99,7 @@ def test_alpha_figure_has_a_paper_and_a_dynamic_trace(full_run):
     assert all(abs(10 * a - round(10 * a)) < 1e-4 for a in paper)  # on the paper's 0.1 grid
 
 
+@pytest.mark.slow
 def test_reproduce_refuses_an_n_beyond_the_eval_split(toy_zoo, tmp_path, capsys):
     root, _ = toy_zoo
     code = main(["reproduce", "--full", "--n", "999", "--models-dir", str(root / "models"),
@@ -102,6 +108,7 @@ def test_reproduce_refuses_an_n_beyond_the_eval_split(toy_zoo, tmp_path, capsys)
     assert not (tmp_path / "b").exists()  # refused before any training
 
 
+@pytest.mark.slow
 def test_quick_mode_refuses_another_zoo(toy_zoo, tmp_path, capsys):
     root, _ = toy_zoo
     code = main(["reproduce", "--n", "1", "--models-dir", str(root / "models"),

@@ -66,6 +66,7 @@ def test_a_lora_expert_is_written_as_safetensors_with_tokenizer_and_card(lora_ex
     assert card["training"]["steps"] == 6  # ceil(12 / 4) batches x 2 epochs
 
 
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_adapter(tiny_family, lora_expert: Path, tmp_path: Path):
     data = write_jsonl(tmp_path / "train.jsonl", rows())
     train_expert(tiny_family["small"], data, tmp_path / "again", FAST, log=False)
@@ -191,6 +192,7 @@ def test_the_cli_trains_an_expert_and_reports_bad_rows_on_one_line(tiny_family, 
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("expert", "full"), [("small-trivia-lora", False), ("small-math", True)])
 def test_a_zoo_experts_export_and_seed_rebuild_it_with_the_zoos_own_recipe(
     toy_zoo, tmp_path, expert: str, full: bool

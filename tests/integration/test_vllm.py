@@ -26,6 +26,8 @@ from fusion_llm.core.errors import UnknownExpertError  # noqa: E402
 from fusion_llm.eval.tasks import TASKS, load_task  # noqa: E402
 from fusion_llm.zoo import zoo_config  # noqa: E402
 
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 PROMPT = "Question: Where does Ada live?\nAnswer:"
 VLLM_SETTINGS = {"kv_cache_gib": 0.25}  # a small KV reservation: CI's machine has 2 cores
 
@@ -209,6 +211,7 @@ def _client(server):
     return OpenAI(base_url=server, api_key="unused")
 
 
+@pytest.mark.subprocess
 def test_openai_completions_equal_the_engine_with_usage(server, hf_engine):
     client = _client(server)
     for experts, mode in [(["trivia"], "static"), (["math", "trivia"], "dynamic"), ([], "none")]:
@@ -227,6 +230,7 @@ def test_openai_completions_equal_the_engine_with_usage(server, hf_engine):
         assert reply.usage.completion_tokens == len(expected[0].token_ids)
 
 
+@pytest.mark.subprocess
 def test_openai_chat_streams_and_unknown_experts_get_400(server):
     from openai import BadRequestError
 
@@ -257,6 +261,7 @@ def test_openai_chat_streams_and_unknown_experts_get_400(server):
         client.completions.create(model="fusion", prompt=PROMPT, max_tokens=100_000)
 
 
+@pytest.mark.subprocess
 def test_langchain_chat_openai_and_llama_index_openai_like_talk_to_the_server(server):
     from langchain_openai import ChatOpenAI
     from llama_index.llms.openai_like import OpenAILike
@@ -285,6 +290,7 @@ def test_langchain_chat_openai_and_llama_index_openai_like_talk_to_the_server(se
     assert text == direct.choices[0].text
 
 
+@pytest.mark.subprocess
 def test_32_concurrent_server_requests_equal_their_sequential_replies(server):
     from openai import AsyncOpenAI
 
@@ -308,6 +314,7 @@ def test_32_concurrent_server_requests_equal_their_sequential_replies(server):
     assert together == alone
 
 
+@pytest.mark.subprocess
 def test_serve_refuses_configs_vllm_cannot_host_before_starting(tmp_path, tiny_family):
     def refused(config: dict) -> str:
         path = tmp_path / "bad.json"

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess
+
 # Runs the CLI in a fresh interpreter and reports its exit code, stderr and the heavy modules loaded.
 PROBE = """
 import contextlib, io, json, sys
@@ -59,6 +61,7 @@ def test_an_unknown_config_key_fails_without_importing_torch(tmp_path):
     assert result["stderr"].startswith("error: invalid config: fusoin: Extra inputs")
 
 
+@pytest.mark.slow
 def test_importing_the_package_loads_the_engine_only_on_access():
     probe = (
         "import sys, fusion_llm; before = 'torch' in sys.modules; "

@@ -14,6 +14,8 @@ from fusion_llm.zoo import ZooNotBuiltError, build, zoo_config, zoo_info, zoo_pa
 from fusion_llm.zoo.task_families import TASKS
 from fusion_llm.zoo.tokenizer import CHAT_TEMPLATE
 
+pytestmark = pytest.mark.slow
+
 
 def _expected_shipped():
     names = {"small", "mid", "large", "small-multi", "mid-multi"}
