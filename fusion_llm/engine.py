@@ -1,8 +1,10 @@
 """FusionEngine: the public entry point. Validates requests, tokenizes, decodes, assembles results.
 
-Constructing an engine is cheap: models load on first use, once. Every call goes to one decoder
-thread (`batcher.ContinuousBatcher`) that runs concurrent calls in one continuously batched decode:
-requests join and leave at step boundaries, and each caller gets exactly the rows it asked for.
+Constructing an engine is cheap: models load on first use, once. Every call goes to one
+`runtime.decoder.Decoder` (the continuous batcher over HF models, or `VllmDecoder` under
+`backend: vllm`) that runs concurrent calls in one continuously batched decode: requests join and
+leave at step boundaries, and each caller gets exactly the rows it asked for. The request checks
+(experts, mode, context windows) live in `runtime.validation`; the engine tokenizes and assembles.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from typing import Any
 
 import torch
 
+from .backends.vllm.backend import VllmDecoder
+from .backends.vllm.launch import small_models
 from .core.config import FusionConfig, FusionMode, GenerationSpec
-from .core.errors import ContextWindowError, RequestError, UnknownExpertError, described
+from .core.errors import RequestError, UnknownExpertError, described
 from .core.text import IncrementalText
 from .runtime.batcher import ContinuousBatcher
-from .runtime.decoding import ConfigSolvers
+from .runtime.decoder import Decoder
 from .runtime.models import LoadedModel, ModelSet, load_models
 from .runtime.request import DONE, PromptBatch, Request
-from .runtime.validation import expert_list, fusion_mode
+from .runtime.step import ConfigSolvers
+from .runtime.validation import fit_to_window, fusion_mode, row_experts
 
 
 @dataclass(frozen=True)
@@ -130,13 +135,12 @@ class FusionEngine:
         # Held while the models run (decoding, or a router scoring prompts): peft's per-row
         # adapter selection installs hooks for the length of a forward, so forwards must not overlap.
         self._run_lock = threading.RLock()
-        self._batcher = self._decoder()
+        self._decoder: Decoder = self._new_decoder()
 
-    def _decoder(self):
-        """Who decodes: the continuous batcher over HF models, or vLLM (`backend: vllm`)."""
+    def _new_decoder(self) -> Decoder:
+        """Who decodes: the continuous batcher over HF models, or vLLM (`backend: vllm`; the
+        backend's modules import vllm only inside the functions that start it)."""
         if self.config.backend == "vllm":
-            from .backends.vllm.backend import VllmDecoder
-
             return VllmDecoder(self.config, self._run_lock)
         batching = self.config.batching
         return ContinuousBatcher(
@@ -158,15 +162,13 @@ class FusionEngine:
 
     def _load(self) -> ModelSet:
         if self.config.backend == "vllm":  # vLLM holds the large weights; the rest is shared
-            from .backends.vllm.launch import small_models
-
             return small_models(self.config.model_dump_json())
         return load_models(self.config)
 
     def load(self) -> FusionEngine:
         """Load every model now, and start vLLM on that backend (otherwise the first request does)."""
         _ = self.models
-        self._batcher.start()
+        self._decoder.start()
         return self
 
     def exclusive(self) -> threading.RLock:
@@ -238,14 +240,14 @@ class FusionEngine:
         """Validate and tokenize a request; raises typed errors before any decoding."""
         batch = _as_prompts(prompts, self.expert_names)
         spec = self.config.generation.updated(**overrides)
-        mode = self._resolve_mode(mode)
-        row_experts = [
-            [] if mode == "none" else e for e in self._resolve_experts(experts, len(batch))
+        mode = fusion_mode(mode, self.config.fusion.mode)
+        routes = [
+            [] if mode == "none" else e for e in row_experts(experts, len(batch), self.expert_names)
         ]
-        chosen = list(dict.fromkeys(e for names in row_experts for e in names))
+        chosen = list(dict.fromkeys(e for names in routes for e in names))
         eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
         tokens = self._tokenize(batch, chosen, spec)
-        return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, row_experts)
+        return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, routes)
 
     async def agenerate(
         self,
@@ -282,9 +284,9 @@ class FusionEngine:
         return chunks()
 
     def _run(self, request: Request, stream: bool) -> Iterator[StreamChunk]:
-        """Submit to the batcher and turn its row events into chunks; leaving cancels."""
+        """Submit to the decoder and turn its row events into chunks; leaving cancels."""
         inbox: queue.Queue = queue.Queue()
-        ticket = self._batcher.submit(request, inbox.put)
+        ticket = self._decoder.submit(request, inbox.put)
         rows = self._row_results(request)
         try:
             while (events := inbox.get()) is not DONE:
@@ -300,7 +302,7 @@ class FusionEngine:
             with contextlib.suppress(RuntimeError):  # the loop is gone: so is the consumer
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        ticket = self._batcher.submit(request, put)
+        ticket = self._decoder.submit(request, put)
         rows = self._row_results(request)
         try:
             while (events := await inbox.get()) is not DONE:
@@ -331,30 +333,7 @@ class FusionEngine:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.models.large.tokenizer, "chat_template", None))
 
-    # -- request validation --------------------------------------------------------------------
-    def _resolve_experts(self, experts, rows: int) -> list[list[str]]:
-        """The experts of every row: one list for all rows, or one list (or None) per row."""
-        per_row = (
-            isinstance(experts, Sequence)
-            and not isinstance(experts, str)
-            and len(experts) > 0
-            and all(
-                e is None or (isinstance(e, Sequence) and not isinstance(e, str)) for e in experts
-            )
-        )
-        if not per_row:
-            return [self._expert_list(experts)] * rows
-        if len(experts) != rows:
-            msg = f"experts has {len(experts)} lists for {rows} prompts; give one list per prompt"
-            raise RequestError(msg)
-        return [self._expert_list(e) for e in experts]
-
-    def _expert_list(self, experts: Sequence[str] | str | None) -> list[str]:
-        return expert_list(experts, self.expert_names)
-
-    def _resolve_mode(self, mode: str | None) -> str:
-        return fusion_mode(mode, self.config.fusion.mode)
-
+    # -- tokenizing -----------------------------------------------------------------------------
     def _tokenize(
         self, batch: list[FusionPrompt], chosen: list[str], spec: GenerationSpec
     ) -> PromptBatch:
@@ -384,23 +363,20 @@ class FusionEngine:
         spec: GenerationSpec,
     ) -> list[int]:
         """Token ids of `text` for the models in `readers` (which share a tokenizer), fitted to
-        the smallest of their context windows."""
+        the smallest of their context windows with max_new_tokens free (`fit_to_window`)."""
         ids = readers[0].tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         windows = [(m.context_window, m) for m in readers if m.context_window is not None]
         if not windows:
             return ids
         window, model = min(windows, key=lambda pair: pair[0])
-        if len(ids) + spec.max_new_tokens <= window:
-            return ids
-        room = window - spec.max_new_tokens
-        if spec.truncate_prompt and room > 0:
-            return ids[-room:]
-        msg = (
-            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({spec.max_new_tokens}) exceeds the "
-            f"{model.name}'s context window of {window} tokens; shorten the prompt, lower max_new_tokens"
-            + (" or set truncate_prompt=True" if room > 0 else f" below {window}")
+        return fit_to_window(
+            ids,
+            window,
+            spec.max_new_tokens,
+            spec.truncate_prompt,
+            reader=model.name,
+            reserved="max_new_tokens",
         )
-        raise ContextWindowError(msg)
 
 
 def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChunk]:

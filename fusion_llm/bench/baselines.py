@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..runtime.models import cache_argument
+from ..runtime.cache import cache_argument
 
 
 @torch.no_grad()

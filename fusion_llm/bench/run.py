@@ -33,8 +33,12 @@ from ..core import fusion as F
 from ..core.config import FUSED_MODES
 from ..core.padding import padded
 from ..engine import FusionEngine
-from ..runtime.decoding import CacheRunner, RowPrompt, SmallPool, build_sampler, stop_checker
+from ..runtime.cache import BatchCache
 from ..runtime.models import BASE_ADAPTER
+from ..runtime.pool import SmallPool
+from ..runtime.rows import RowId, RowPrompt, Slot
+from ..runtime.sampler import SamplingBatch, row_seeds, sample
+from ..runtime.stops import stop_checker
 from .baselines import hf_generate, proxy_tuning_generate
 from .families import SHAPES, family_config, random_prompts, write_family
 
@@ -124,49 +128,46 @@ def part_variants(
     names = [f"{kind}{i}" for i in range(k)]
     peft = bool(models.lora_experts)
     tokens = torch.zeros(batch, dtype=torch.long)
+    rows = [RowId(b) for b in range(batch)]
 
-    def stepper(make: Callable[[], CacheRunner]) -> Callable[[], float]:
-        runner = make()
-        runner.prefill(prompts)
-        return lambda: timed(lambda: runner.step(tokens), device)
+    def stepper(make: Callable[[], BatchCache]) -> Callable[[], float]:
+        cache = make()
+        cache.prefill(prompts, [Slot(row) for row in rows])
+        return lambda: timed(lambda: cache.step(tokens), device)
 
     one_expert = (
-        (lambda: CacheRunner(models.small, [models.lora_experts[names[0]]] * batch))
+        (lambda: BatchCache(models.small, [models.lora_experts[names[0]]] * batch))
         if kind == "lora"
-        else (lambda: CacheRunner(models.full_experts[names[0]]))
+        else (lambda: BatchCache(models.full_experts[names[0]]))
     )
     pool = SmallPool(models)
-    pool.prefill([RowPrompt(b, list(p), list(p), names) for b, p in enumerate(prompts)])
-    by_row = dict(enumerate(tokens.unbind()))
-    pool.step(by_row)
-    small_logits, expert_logits = pool.logits(range(batch), names)
-    large_logits = CacheRunner(models.large).prefill(prompts)
+    pool.prefill(
+        [RowPrompt(row, list(p), list(p), names) for row, p in zip(rows, prompts, strict=True)]
+    )
+    pool.step(rows, tokens)
+    small_logits, expert_logits = pool.logits(rows, names)
+    large = BatchCache(models.large)
+    large_logits = large.prefill(prompts, [Slot(row) for row in rows])
     active = torch.ones(batch, k, dtype=torch.bool, device=large_logits.device)
     stop = stop_checker(models.large.tokenizer, ["w7 w8"])
-    sample = build_sampler(engine.config.generation)
+    spec = engine.config.generation
+    sampling = SamplingBatch.of([spec] * batch, row_seeds(spec, batch))
     generated = torch.randint(3, 100, (batch, 32), device=large_logits.device)
     fusion = engine.config.fusion
     parts = {
-        "large forward": stepper(lambda: CacheRunner(models.large)),
+        "large forward": stepper(lambda: BatchCache(models.large)),
         "small forward": stepper(
-            lambda: CacheRunner(models.small, [BASE_ADAPTER] * batch if peft else None)
+            lambda: BatchCache(models.small, [BASE_ADAPTER] * batch if peft else None)
         ),
         "one expert forward": stepper(one_expert),
-        "small + experts forward": lambda: timed(lambda: pool.step(by_row), device),
+        "small + experts forward": lambda: timed(lambda: pool.step(rows, tokens), device),
         "sampling + stop": lambda: timed(
-            lambda: stop(torch.cat([generated, sample(large_logits, generated)[:, None]], 1)),
+            lambda: stop(torch.cat([generated, sample(large_logits, sampling)[:, None]], 1)),
             device,
         ),
     }
     for mode in FUSED_MODES:
-        solver = F.make_solver(
-            mode,
-            torch.ones(k),
-            fusion.alpha_min,
-            fusion.alpha_max,
-            fusion.grid_step,
-            fusion.newton_steps,
-        )
+        solver = F.make_solver(mode, torch.ones(k), fusion)
         parts[f"solve {mode}"] = lambda solver=solver: timed(
             lambda: F.fusion_step(large_logits, small_logits, expert_logits, active, solver), device
         )

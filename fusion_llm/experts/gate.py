@@ -37,12 +37,13 @@ import torch
 from peft import PeftModel
 from tqdm import tqdm
 
-from ..core.errors import ContextWindowError, RequestError, UnknownExpertError
+from ..core.errors import RequestError, UnknownExpertError
 from ..core.fusion import fusion_step, log_probs, make_solver
 from ..core.padding import padded
 from ..engine import FusionEngine, FusionPrompt
 from ..routing.card import card_path, read_card, store_verdict
 from ..runtime.models import BASE_ADAPTER, LoadedModel
+from ..runtime.validation import fit_to_window
 from .data import Record, read_jsonl, render
 
 Tensor = torch.Tensor
@@ -267,14 +268,17 @@ def _reference_logits(
 
 
 def _fit(prompt: list[int], reference: list[int], loaded: LoadedModel) -> list[int]:
-    """prompt + reference, dropping the oldest prompt tokens when over the context window."""
-    window = loaded.context_window
-    if window is None or len(prompt) + len(reference) <= window:
-        return prompt + reference
-    if len(reference) >= window:
-        msg = f"a reference of {len(reference)} tokens does not fit the {loaded.name}'s context window of {window}"
-        raise ContextWindowError(msg)
-    return prompt[len(prompt) + len(reference) - window :] + reference
+    """prompt + reference, the prompt fitted to the context window with the reference's length
+    free (`fit_to_window`: its oldest tokens dropped; a reference as long as the window raises)."""
+    fitted = fit_to_window(
+        prompt,
+        loaded.context_window,
+        len(reference),
+        truncate=True,
+        reader=loaded.name,
+        reserved="the reference's length",
+    )
+    return fitted + reference
 
 
 def _held_out_file(spec) -> Path:

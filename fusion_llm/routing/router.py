@@ -56,6 +56,7 @@ from ..core.errors import RequestError, UnknownExpertError
 from ..core.padding import padded
 from ..engine import FusionEngine, FusionPrompt
 from ..runtime.models import BASE_ADAPTER, LoadedModel
+from ..runtime.validation import fit_to_window
 from .card import expert_examples, verdict
 
 TASKS_METADATA_KEY = "fusion_tasks"  # run metadata / instrument tag naming the route
@@ -408,9 +409,10 @@ def _right_padded(
 
 
 def _encode(loaded: LoadedModel, text: str, prompt: FusionPrompt) -> list[int]:
+    """The prompt's ids as `loaded` reads them; a prompt over its window keeps its end, which is
+    what a routing score reads (`fit_to_window`, nothing reserved)."""
     ids = loaded.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
-    window = loaded.context_window
-    return ids[-window:] if window else ids
+    return fit_to_window(ids, loaded.context_window, 0, truncate=True, reader=loaded.name)
 
 
 def _route_text(route: Route) -> str:

@@ -1,18 +1,21 @@
 """Continuous batching: one decoder thread runs every request, joining and leaving at steps.
 
-Callers (threads, or an event loop) submit prepared requests and read their own queue. The worker
-owns the models. At every step boundary the `Scheduler` says which waiting requests join; they
-are prefilled and merged into the running caches (`decoding.ModelState`), then every running row
-is fused (each with its own experts and mode), sampled (each with its own sampling parameters and
-seeded generator), and its token sent to its caller; a request returns the moment its own rows
-finish, and a request whose reader goes away leaves at the next step. A request larger than
-`max_rows` is decoded in parts.
+Callers (threads, or an event loop) submit prepared requests and read their own queue. The decoder
+thread owns the models; its loop, once per step:
+    1. take what arrived; the `Scheduler` says which waiting tickets join now;
+    2. join: their rows are prefilled together (`DecodeBatch.prefilled`) and `extend` the running
+       batch;
+    3. step: every running row is fused (its own experts and mode), sampled (its own settings and
+       generator), and its token sent to its caller; rows that finished (or whose caller went away)
+       leave by `filter`, and the others read their token.
+A request returns the moment its own rows finish; a request larger than `max_rows` is decoded in
+parts (tickets).
 
-Faults stay with their request: a row without a finite large-model logit fails its own request
-only; when a shared prefill or step raises, each request involved runs again alone (steps already
-delivered are skipped), so only the request at fault gets the error. Whatever a forward raises
-(any `BaseException`), the caller gets a typed error and the worker goes on; a dead worker is
-restarted by the next `submit`.
+Faults stay with their request (`decoder.py`): a row without a finite large-model logit fails its
+own request only; when a shared prefill or step raises, each request involved runs again alone
+(steps already delivered are skipped), so only the request at fault gets the error. Whatever a
+forward raises (any `BaseException`), the caller gets a typed error and the thread goes on; a dead
+thread is restarted by the next `submit`.
 """
 
 from __future__ import annotations
@@ -22,38 +25,22 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from ..core.errors import NumericalFaultError
 from ..core.fusion import AlphaSolver
-from .decoder import SHUTDOWN, stop_at_exit, typed_fault
-from .decoding import ModelState, RowSampler, fuse_rows, sample_rows, stop_checker, stop_window
+from .batch import DecodeBatch, DecodeRow
+from .decoder import SHUTDOWN, row_fault, stop_at_exit, typed_fault
 from .models import ModelSet
 from .request import Request, RowEvent, Submission, Ticket
+from .rows import RowId
+from .sampler import sample
 from .scheduler import Scheduler
-
-STOP_PAD = 2**31 - 1  # left padding of short rows for the stop check: no token's text
-
-
-@dataclass
-class LiveRow:
-    """One running row: who it belongs to and how it samples, stops and ends."""
-
-    ticket: Ticket
-    local: int  # index within its ticket
-    sampler: RowSampler
-    experts: list[str]
-    tokens: list[int] = field(default_factory=list)
-
-    @property
-    def spec(self):
-        return self.ticket.request.spec
+from .stops import stopped
 
 
 class ContinuousBatcher:
-    """Owns decoding; see the module docstring."""
+    """The `Decoder` over HF models; see the module docstring."""
 
     def __init__(
         self,
@@ -67,20 +54,22 @@ class ContinuousBatcher:
         self._models = models
         self._solver_for = solver_for
         self._models_lock = models_lock
-        self._window_s = window_s
+        self._window_s = window_s  # after a request arrives at an idle decoder, wait for others
         self._max_rows = max_rows
-        self._idle_s = idle_s
+        self._idle_s = idle_s  # an idle decoder thread ends after this long
         self._incoming: queue.Queue[Ticket] = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards starting and ending the thread
         self._worker: threading.Thread | None = None
         self._scheduler = Scheduler(max_rows)
-        self._state: ModelState | None = None
-        self._rows: list[LiveRow] = []  # in the state's row order
+        self._batch: DecodeBatch | None = None  # the running rows; None when there are none
         self._row_ids = itertools.count()
         stop_at_exit(self)
 
     def start(self) -> None:
-        """Nothing to start ahead of the first request: the models load with the engine."""
+        """Start the decoder thread now, so that the first request does not wait for it. Like any
+        idle decoder thread, it ends after `idle_s` without work; `submit` starts it again."""
+        with self._lock:
+            self._start_worker()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the decoder thread once it is idle (a thread torch still runs in at exit aborts)."""
@@ -96,34 +85,44 @@ class ContinuousBatcher:
         with self._lock:
             for first_row, part in parts:
                 self._incoming.put(Ticket(part, first_row, submission))
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._serve, name="fusion-llm-decoder", daemon=True
-                )
-                self._worker.start()
+            self._start_worker()
         return submission
+
+    def _start_worker(self) -> None:
+        """Start the decoder thread unless it runs (the caller holds `_lock`)."""
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(
+                target=self._serve, name="fusion-llm-decoder", daemon=True
+            )
+            self._worker.start()
 
     # -- the loop ------------------------------------------------------------------------------
     @torch.inference_mode()  # the decoder thread never needs autograd (thread-local switch)
     def _serve(self) -> None:
         try:
-            while self._rows or self._wait_for_work():
+            while self._batch is not None or self._wait_for_work():
                 self._take_incoming()
-                running_isolated = any(r.ticket.isolated for r in self._rows)
-                joining = self._scheduler.admit(len(self._rows), running_isolated)
+                joining = self._scheduler.admit(*self._running())
                 if joining:
                     self._join(joining)
-                if self._rows:
+                if self._batch is not None:
                     self._step()
         except BaseException as fault:  # a bug of the batcher itself: fail what it holds, not hang
-            held = {id(r.ticket): r.ticket for r in self._rows}
-            held.update((id(t), t) for t in self._scheduler.waiting)
+            running = self._batch.rows if self._batch is not None else []
+            held = {r.ticket.id: r.ticket for r in running}
+            held.update((t.id, t) for t in self._scheduler.waiting)
             for ticket in held.values():
                 ticket.submission.fail(typed_fault(fault))
             self._scheduler.waiting.clear()
-            self._rows, self._state = [], None
+            self._batch = None
             with self._lock:
                 self._worker = None  # the next submit starts a new worker for what is queued
+
+    def _running(self) -> tuple[int, bool]:
+        """(rows running, whether they are a ticket rerun alone): what the scheduler admits to."""
+        if self._batch is None:
+            return 0, False
+        return len(self._batch), any(r.ticket.isolated for r in self._batch.rows)
 
     def _wait_for_work(self) -> bool:
         """Block until a request arrives (then gather the window's others); False when idle."""
@@ -164,17 +163,14 @@ class ContinuousBatcher:
     # -- joining -------------------------------------------------------------------------------
     def _join(self, tickets: list[Ticket]) -> None:
         """Prefill joining tickets together; if that raises, each alone (only the guilty fail)."""
-        rows, prompts = [], []
-        for ticket in tickets:
-            request = ticket.request
-            for local in range(request.rows):
-                row_id = next(self._row_ids)
-                sampler = RowSampler(request.spec, ticket.seeds[local])
-                rows.append(LiveRow(ticket, local, sampler, request.row_experts[local]))
-                prompts.append(request.row_prompt(local, row_id))
+        rows = [
+            DecodeRow(RowId(next(self._row_ids)), ticket, index, ticket.request.row_experts[index])
+            for ticket in tickets
+            for index in range(ticket.request.rows)
+        ]
         try:
             with self._models_lock:
-                joining = ModelState.prefilled(self._models(), prompts)
+                joining = DecodeBatch.prefilled(self._models(), rows)
         except BaseException as fault:  # noqa: BLE001 - a forward may raise anything; we live on
             if len(tickets) == 1:
                 tickets[0].submission.fail(typed_fault(fault))
@@ -182,136 +178,111 @@ class ContinuousBatcher:
             for ticket in tickets:
                 self._join([ticket])
             return
-        if self._state is None:
-            self._state = joining
+        if self._batch is None:
+            self._batch = joining
         else:
-            self._state.merge(joining)
-        self._rows += rows
+            self._batch.extend(joining)
 
     # -- one step ------------------------------------------------------------------------------
     def _step(self) -> None:
         """Fuse, sample and deliver one token per running row, then feed the tokens back."""
-        self._drop({i for i, r in enumerate(self._rows) if r.ticket.submission.finished})
-        if not self._rows:
+        self._leave({b for b, r in enumerate(self._batch.rows) if r.ticket.submission.finished})
+        if self._batch is None:
             return
         try:
             with self._models_lock:
-                tokens, alpha, flags, columns = self._sample()
-                finished = self._deliver(tokens, alpha, flags, columns)
-                self._drop(finished)
-                if self._rows:
-                    keep = [i for i in range(len(tokens)) if i not in finished]
-                    self._state.step(tokens[torch.tensor(keep, device=tokens.device)])
+                fused = self._batch.fuse(self._solver_for)
+                tokens = sample(fused.logits, self._batch.sampling)  # [B]
+                # The step's one host read: tokens (exact in float32 below 2**24 ids), flags, alpha.
+                flags = [t.float()[:, None] for t in (tokens, fused.fallback, fused.fault)]
+                read = torch.cat([*flags, fused.alpha.float()], dim=1).tolist()
+                finished = self._deliver(read)
+                self._leave(finished)
+                if self._batch is not None:
+                    kept = [b for b in range(len(tokens)) if b not in finished]
+                    self._batch.step(tokens[torch.tensor(kept, device=tokens.device)])
         except BaseException as fault:  # noqa: BLE001 - the shared state is lost: isolate
             self._isolate(fault)
 
-    def _sample(self):
-        rows = self._rows
-        columns = list(dict.fromkeys(e for r in rows for e in r.experts))
-        fused = fuse_rows(
-            self._state.large.last_logits,
-            self._state.pool,
-            self._state.rows,
-            [r.experts for r in rows],
-            [r.ticket.request.mode for r in rows],
-            columns,
-            self._solver_for,
-        )
-        tokens = sample_rows(fused.logits, [r.sampler for r in rows])
-        # The step's one host read: tokens (exact in float32 below 2**24 ids), flags and alpha.
-        flags = [t.float()[:, None] for t in (tokens, fused.fallback, fused.fault)]
-        packed = torch.cat([*flags, fused.alpha.float()], dim=1).tolist()
-        read = [(int(row[0]), bool(row[1]), bool(row[2])) for row in packed]
-        return tokens, [row[3:] for row in packed], read, columns
-
-    def _deliver(self, tokens, alpha, flags, columns: list[str]) -> set[int]:
-        """Record each row's token, send each ticket its events; the rows that finished."""
-        stopped = self._stopped(flags)
-        events: dict[int, tuple[Ticket, list[RowEvent]]] = {}
+    def _deliver(self, read: list[list[float]]) -> set[int]:
+        """Record each row's token, send each ticket its events; the positions that finished.
+        `read[b]`: row b's token, fallback and fault flags, then alpha over the batch's columns."""
+        rows, columns = self._batch.rows, self._batch.columns
+        stops = self._stopped([int(r[0]) for r in read])
+        events: dict[int, tuple[Ticket, list[RowEvent]]] = {}  # by ticket id
         finished: set[int] = set()
-        for i, (row, (token, fallback, fault)) in enumerate(zip(self._rows, flags, strict=True)):
-            ticket = row.ticket
+        for b, (row, (token, fallback, fault, *alpha)) in enumerate(zip(rows, read, strict=True)):
+            ticket, token = row.ticket, int(token)
             if fault:
-                ticket.submission.fail(
-                    NumericalFaultError(
-                        "the large model produced no finite logit for a row of this request; "
-                        "nothing can be sampled from it (check the model's weights and dtype)"
-                    )
-                )
-                finished.add(i)
+                ticket.submission.fail(row_fault())
+                finished.add(b)
                 continue
             row.tokens.append(token)
-            reason = self._finish_reason(row, token, stopped[i])
+            reason = _finish_reason(row, token, stops[b])
             if reason is not None:
-                finished.add(i)
-            if len(row.tokens) <= ticket.delivered[row.local]:
+                finished.add(b)
+            if len(row.tokens) <= ticket.delivered[row.index]:
                 continue  # a rerun replays what its caller already has
-            ticket.delivered[row.local] = len(row.tokens)
-            event = RowEvent(
-                ticket.first_row + row.local,
-                token,
-                [alpha[i][columns.index(e)] for e in row.experts],
-                fallback,
-                reason,
-            )
-            events.setdefault(id(ticket), (ticket, []))[1].append(event)
+            ticket.delivered[row.index] = len(row.tokens)
+            own_alpha = [alpha[columns.index(e)] for e in row.experts]
+            event = RowEvent(ticket.first_row + row.index, token, own_alpha, bool(fallback), reason)
+            events.setdefault(ticket.id, (ticket, []))[1].append(event)
         for ticket, batch in events.values():
             ticket.submission.deliver(batch)
         self._complete(finished)
         return finished
 
-    def _finish_reason(self, row: LiveRow, token: int, stopped: bool) -> str | None:
-        if token in row.ticket.request.eos_ids:
-            return "eos"
-        if stopped:
-            return "stop"
-        if len(row.tokens) >= row.spec.max_new_tokens:
-            return "length"
-        return None
-
-    def _stopped(self, flags) -> list[bool]:
-        """Per row, whether its own stop strings now end its text (one check per stop list)."""
-        result = [False] * len(self._rows)
-        tokenizer = self._models().large.tokenizer
+    def _stopped(self, tokens: list[int]) -> list[bool]:
+        """Per row, whether its text with its new token contains one of its own stop strings
+        (one check per distinct stop list)."""
+        rows = self._batch.rows
         by_stops: dict[tuple[str, ...], list[int]] = {}
-        for i, row in enumerate(self._rows):
+        for b, row in enumerate(rows):
             if row.spec.stop:
-                by_stops.setdefault(tuple(row.spec.stop), []).append(i)
+                by_stops.setdefault(tuple(row.spec.stop), []).append(b)
+        result = [False] * len(rows)
         for stops, members in by_stops.items():
-            width = stop_window(tokenizer, stops)
-            tails = [([*self._rows[i].tokens, flags[i][0]])[-width:] for i in members]
-            ids = torch.tensor([[STOP_PAD] * (width - len(t)) + t for t in tails])
-            for i, hit in zip(members, stop_checker(tokenizer, stops)(ids), strict=True):
-                result[i] = hit
+            generated = [[*rows[b].tokens, tokens[b]] for b in members]
+            hits = stopped(self._models().large.tokenizer, stops, generated)
+            for b, hit in zip(members, hits, strict=True):
+                result[b] = hit
         return result
 
     def _complete(self, finished: set[int]) -> None:
         """A ticket whose rows have all finished is answered now, not when the batch ends."""
-        left: dict[int, int] = {}
-        for i, row in enumerate(self._rows):
-            if i not in finished:
-                left[id(row.ticket)] = left.get(id(row.ticket), 0) + 1
-        for i in finished:
-            ticket = self._rows[i].ticket
-            if not ticket.done and id(ticket) not in left and not ticket.submission.failed:
+        rows = self._batch.rows
+        running = {r.ticket.id for b, r in enumerate(rows) if b not in finished}
+        for b in finished:
+            ticket = rows[b].ticket
+            if not ticket.done and ticket.id not in running and not ticket.submission.failed:
                 ticket.done = True
                 ticket.submission.part_done()
 
-    def _drop(self, positions: set[int]) -> None:
+    def _leave(self, positions: set[int]) -> None:
+        """The rows at `positions` leave the batch (every cache and per-row state with them)."""
         if not positions:
             return
-        kept = [r for i, r in enumerate(self._rows) if i not in positions]
-        ids = self._state.rows
-        self._state.keep({ids[i] for i in range(len(ids)) if i not in positions})
-        self._rows = kept
-        if not kept:
-            self._state = None
+        kept = [b for b in range(len(self._batch)) if b not in positions]
+        if kept:
+            self._batch.filter(kept)
+        else:
+            self._batch = None
 
     def _isolate(self, fault: BaseException) -> None:
         """The shared batch raised: its requests run again one by one (the guilty one fails)."""
-        tickets = list({id(r.ticket): r.ticket for r in self._rows}.values())
-        self._rows, self._state = [], None
+        tickets = list({r.ticket.id: r.ticket for r in self._batch.rows}.values())
+        self._batch = None
         if len(tickets) == 1:
             tickets[0].submission.fail(typed_fault(fault))
             return
         self._scheduler.readmit_alone([t for t in tickets if not t.submission.finished])
+
+
+def _finish_reason(row: DecodeRow, token: int, stopped: bool) -> str | None:
+    if token in row.ticket.request.eos_ids:
+        return "eos"
+    if stopped:
+        return "stop"
+    if len(row.tokens) >= row.spec.max_new_tokens:
+        return "length"
+    return None

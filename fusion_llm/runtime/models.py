@@ -22,7 +22,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import transformers
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -47,20 +46,6 @@ UNBATCHABLE_LORA = {
     "modules_to_save": "modules_to_save",
     "layer_replication": "layer_replication",
 }
-
-
-def cache_argument(cache) -> dict:
-    """The keyword that hands a KV cache to a model's forward: transformers 5.24 renamed
-    `past_key_values` to `cache` (the old name warns); earlier 5.x ignore `cache` silently, which
-    would decode every step without its context."""
-    return {_CACHE_KEYWORD: cache}
-
-
-_CACHE_KEYWORD = (
-    "cache"
-    if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 24)
-    else "past_key_values"
-)
 
 
 @dataclass

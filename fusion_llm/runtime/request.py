@@ -6,14 +6,15 @@ all sharing one `Submission` (the caller's queue, cancellation, and DONE once ev
 
 from __future__ import annotations
 
-import secrets
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..core.config import SEED_LIMIT, GenerationSpec
+from ..core.config import GenerationSpec
 from ..core.errors import FusionError
-from .decoding import GREEDY_TEMPERATURE, RowPrompt
+from .rows import RowId, RowPrompt
+from .sampler import row_seeds
 
 DONE = object()  # end of a request's events
 
@@ -43,23 +44,19 @@ class Request:
         return len(self.tokens.large)
 
     def row_seeds(self) -> list[int | None]:
-        """Row i samples with seed + i: a seed reproduces each row whatever shares its batch.
-        Unseeded sampled requests draw their seed now, so a rerun after a fault repeats them."""
-        if self.spec.temperature < GREEDY_TEMPERATURE:
-            return [None] * self.rows
-        base = self.spec.seed if self.spec.seed is not None else secrets.randbits(63)
-        return [(base + i) % SEED_LIMIT for i in range(self.rows)]
+        """Each row's sampling seed (`sampler.row_seeds`: seed + index; None on greedy rows)."""
+        return row_seeds(self.spec, self.rows)
 
-    def row_prompt(self, row: int, row_id: int) -> RowPrompt:
-        """Row `row` as the models read it, under the batch-wide id `row_id`."""
-        experts = self.row_experts[row]
+    def row_prompt(self, index: int, row: RowId) -> RowPrompt:
+        """The row at `index` of this request as the models read it, under its id `row`."""
+        experts = self.row_experts[index]
         return RowPrompt(
-            row=row_id,
-            large=self.tokens.large[row],
-            small=self.tokens.small[row] if experts else [],
+            row=row,
+            large=self.tokens.large[index],
+            small=self.tokens.small[index] if experts else [],
             experts=experts,
             expert_prompts={
-                name: ids[row] for name, ids in self.tokens.experts.items() if name in experts
+                name: ids[index] for name, ids in self.tokens.experts.items() if name in experts
             },
         )
 
@@ -85,7 +82,9 @@ class Request:
 
 @dataclass
 class RowEvent:
-    row: int  # index within its request
+    """One token of one row, as its caller receives it."""
+
+    row: int  # the row's index in the submitted request (as `StreamChunk.row`)
     token: int
     alpha: list[float]  # over the row's own experts
     fallback: bool
@@ -130,6 +129,9 @@ class Submission:
             self._put(DONE)
 
 
+_ticket_ids = itertools.count()
+
+
 @dataclass
 class Ticket:
     """One part of a submission, as queued for the decoder."""
@@ -137,6 +139,7 @@ class Ticket:
     request: Request
     first_row: int  # index of this part's first row in the submitted request
     submission: Submission
+    id: int = field(default_factory=lambda: next(_ticket_ids))  # what tickets are keyed by
     seeds: list[int | None] = field(default_factory=list)  # per row, fixed at submission
     delivered: list[int] = field(default_factory=list)  # steps given out per row
     done: bool = False  # every row finished: the caller has had its answer

@@ -1,11 +1,28 @@
-"""VllmDecoder: the engine's decoder on vLLM (`backend: vllm`), with the HF decoder's contract.
+"""VllmDecoder: the engine's decoder on vLLM (`backend: vllm`), under the contract and fault policy
+of `runtime.decoder` that the HF backend's continuous batcher follows too.
 
 Every row of a request becomes one vLLM request; one thread adds what arrived, steps vLLM's engine
 (its scheduler batches continuously over paged KV caches) and turns each output into the row events
 the engine facade already assembles (`request.RowEvent`), so `generate`, `stream`, `agenerate`,
 `astream`, per-row experts and the adapters work unchanged. vLLM's engine core and executor run in
-this process (one device), so the fusion processor's alpha and fallback flags reach each event;
-with several devices (tensor parallelism) the workers are processes and alpha reads as empty.
+this process (one device), so the fusion processor's trace (alpha, fallback, fault) reaches each
+event through the row's channel; with several devices (tensor parallelism) the workers are
+processes and alpha reads as empty.
+
+Where this decoder differs from the batcher, vLLM forces it:
+    - a fault in a shared step fails every request of the step: vLLM's scheduler and model runner
+      hold the step's state, and a request cannot be replayed from a step alone;
+    - a row without a finite large-model logit fails its request only when the processor fused
+      it (its channel carries the fault); vLLM samples rows without experts itself;
+    - a request vLLM's own checks refuse (e.g. longer than `vllm.max_model_len`) gets a
+      RequestError through `put`, not from `submit`: they run when the decoder thread adds it;
+    - a failed start of vLLM is kept: every later request gets the same error, since a start
+      that failed part way leaves vLLM's process-wide state (its model-parallel groups) set,
+      which a second start in the same process would meet half made;
+    - one thread, never idle-ended: vLLM's CPU attention checks the OpenMP thread count of the
+      thread that built its metadata, so every step runs on the thread that started vLLM;
+    - vLLM's scheduler batches and splits (`max_num_seqs`): `batching.window_ms` and
+      `batching.max_rows` apply to the batcher only.
 """
 
 from __future__ import annotations
@@ -14,22 +31,23 @@ import itertools
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...core.config import FusionConfig, GenerationSpec
 from ...core.errors import DeviceError, FusionError, RequestError, described
-from ...runtime.decoder import SHUTDOWN, stop_at_exit, typed_fault
-from ...runtime.decoding import GREEDY_TEMPERATURE
+from ...runtime.decoder import SHUTDOWN, row_fault, stop_at_exit, typed_fault
 from ...runtime.models import resolve_device
-from ...runtime.request import RowEvent, Submission, Ticket
-from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
+from ...runtime.request import Request, RowEvent, Submission, Ticket
+from ...runtime.sampler import GREEDY_TEMPERATURE
+from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, UNFUSED, RowChannel
 from .launch import check_hostable, engine_arguments, vllm_environment
 
 
 @dataclass
 class _Row:
     ticket: Ticket
-    local: int  # index within its request
+    index: int  # within its request
     channel: RowChannel
     sent: int = 0  # tokens delivered
 
@@ -46,12 +64,12 @@ class VllmDecoder:
         self._engine = None
         self._start_error: FusionError | None = None
         self._rows: dict[str, _Row] = {}  # vLLM request id -> row
-        self._rows_left: dict[int, int] = {}  # id(ticket) -> its rows still in vLLM
+        self._rows_left: dict[int, int] = {}  # ticket id -> its rows still in vLLM
         self._ids = itertools.count()
         stop_at_exit(self)
 
-    def submit(self, request, put) -> Submission:
-        """Queue a request; its events go to `put` as from the HF decoder."""
+    def submit(self, request: Request, put: Callable[[object], None]) -> Submission:
+        """Queue a request; its events go to `put` (`runtime.decoder`: events and faults)."""
         submission = Submission(put, 1)
         self._queue(Ticket(request, 0, submission))
         return submission
@@ -76,6 +94,7 @@ class VllmDecoder:
                 self._worker.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """End the decoder thread once it is idle (vLLM's engine stays for the next request)."""
         worker = self._worker
         if worker is not None and worker.is_alive():
             self._incoming.put(SHUTDOWN)
@@ -101,8 +120,8 @@ class VllmDecoder:
                 self._abort_cancelled(engine)
                 with self._models_lock:
                     outputs = engine.step()
-                self._deliver(outputs)
-            except BaseException as fault:  # noqa: BLE001 - fail what it holds, never hang
+                self._deliver(engine, outputs)
+            except BaseException as fault:  # noqa: BLE001 - a shared step: fail what it holds
                 self._fail_all(engine, fault)
 
     def _wait(self, block: bool) -> list | None:
@@ -124,7 +143,7 @@ class VllmDecoder:
                 self._engine = _start_engine(self._config)
             except FusionError as err:
                 self._start_error = err
-            except Exception as err:  # noqa: BLE001 - vLLM refuses with many exception types
+            except BaseException as err:  # noqa: BLE001 - vLLM refuses with many exception types
                 self._start_error = DeviceError(
                     f"vLLM could not start the large model ({described(err)})"
                 )
@@ -136,25 +155,25 @@ class VllmDecoder:
         request = ticket.request
         added = []
         try:
-            for local in range(request.rows):
+            for index in range(request.rows):
                 request_id = f"fusion-{next(self._ids)}"
-                row = request.row_prompt(local, 0)
+                row = request.row_prompt(index, 0)
                 channel = RowChannel(row.small, row.expert_prompts)
                 with CHANNELS_LOCK:
                     CHANNELS[request_id] = channel
-                self._rows[request_id] = _Row(ticket, local, channel)
-                self._rows_left[id(ticket)] = local + 1
+                self._rows[request_id] = _Row(ticket, index, channel)
+                self._rows_left[ticket.id] = index + 1
                 added.append(request_id)
                 params = _sampling_params(
                     request.spec,
-                    ticket.seeds[local],
+                    ticket.seeds[index],
                     request.eos_ids,
                     row.experts,
                     request.mode,
                     request_id,
                 )
                 engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.large), params)
-        except Exception as err:  # noqa: BLE001 - vLLM's validation, or a fault of its own
+        except BaseException as err:  # noqa: BLE001 - vLLM's validation, or a fault of its own
             self._forget(engine, added, abort=True)
             if isinstance(err, (ValueError, TypeError)):
                 ticket.submission.fail(RequestError(f"vLLM rejected the request: {err}"))
@@ -174,9 +193,9 @@ class VllmDecoder:
                 CHANNELS.pop(rid, None)
                 row = self._rows.pop(rid, None)
                 if row is not None:
-                    self._rows_left[id(row.ticket)] -= 1
-                    if not self._rows_left[id(row.ticket)]:
-                        del self._rows_left[id(row.ticket)]
+                    self._rows_left[row.ticket.id] -= 1
+                    if not self._rows_left[row.ticket.id]:
+                        del self._rows_left[row.ticket.id]
 
     def _fail_all(self, engine, fault: BaseException) -> None:
         error = typed_fault(fault)
@@ -185,35 +204,44 @@ class VllmDecoder:
             self._rows[rid].ticket.submission.fail(error)
         self._forget(engine, held, abort=True)
 
-    def _deliver(self, outputs) -> None:
+    def _deliver(self, engine, outputs) -> None:
+        """Send each request its rows' new tokens; a row the processor found without a finite
+        large-model logit fails its own request, whose other rows leave vLLM now."""
         events: dict[int, tuple[Ticket, list[RowEvent]]] = {}
         ended = []
         for output in outputs:
             row = self._rows.get(output.request_id)
             if row is None:
-                continue  # aborted while in flight
+                continue  # aborted while in flight, or its request failed earlier in this step
             completion = output.outputs[0]
             tokens = list(completion.token_ids)
             with CHANNELS_LOCK:
-                steps = [
-                    row.channel.steps.pop(row.sent + i, ([], False)) for i in range(len(tokens))
-                ]
+                steps = [row.channel.steps.pop(row.sent + i, UNFUSED) for i in range(len(tokens))]
+            if any(step.fault for step in steps):
+                row.ticket.submission.fail(row_fault())
+                self._forget(engine, self._rows_of(row.ticket), abort=True)
+                continue
             request = row.ticket.request
-            batch = events.setdefault(id(row.ticket), (row.ticket, []))[1]
-            for i, (token, (alpha, fallback)) in enumerate(zip(tokens, steps, strict=True)):
+            batch = events.setdefault(row.ticket.id, (row.ticket, []))[1]
+            for i, (token, step) in enumerate(zip(tokens, steps, strict=True)):
                 last = output.finished and i == len(tokens) - 1
                 reason = _finish_reason(completion, token, request.eos_ids) if last else None
-                batch.append(RowEvent(row.local, token, alpha, fallback, reason))
+                batch.append(RowEvent(row.index, token, step.alpha, step.fallback, reason))
             row.sent += len(tokens)
             if output.finished:
                 ended.append(output.request_id)
         for ticket, batch in events.values():
             ticket.submission.deliver(batch)
         for rid in ended:
-            ticket = self._rows[rid].ticket
+            row = self._rows.get(rid)
+            if row is None:
+                continue  # its request failed later in this step
             self._forget(None, [rid], abort=False)
-            if id(ticket) not in self._rows_left:
-                ticket.submission.part_done()
+            if row.ticket.id not in self._rows_left:
+                row.ticket.submission.part_done()
+
+    def _rows_of(self, ticket: Ticket) -> list[str]:
+        return [rid for rid, row in self._rows.items() if row.ticket is ticket]
 
 
 def _start_engine(config: FusionConfig):

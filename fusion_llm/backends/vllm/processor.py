@@ -3,7 +3,7 @@
 vLLM computes the large model's logits for every running request (its own paged KV cache and
 scheduler); before sampling, this processor
     1. feeds each fused request's newest token to the small base and its experts
-       (`decoding.SmallPool`: per-slot KV caches, one batched forward per model per step; a request
+       (`pool.SmallPool`: per-slot KV caches, one batched forward per model per step; a request
        that joins is prefilled on its prompt, plus its output so far after a preemption),
     2. replaces the request's logits row by `fusion.fusion_step` of the large row, the small base
        and the experts (the pure function the HF backend uses), over the common vocabulary,
@@ -33,9 +33,11 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from ...core.config import FusionConfig
 from ...core.errors import ConfigError, RequestError
-from ...runtime.decoding import ConfigSolvers, RowPrompt, SmallPool, fuse_rows
+from ...runtime.pool import SmallPool
+from ...runtime.rows import RowPrompt
+from ...runtime.step import ConfigSolvers, fuse_rows
 from ...runtime.validation import expert_list, fusion_mode
-from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel
+from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, RowChannel, StepTrace
 from .launch import CONFIG_ENV, small_models
 
 
@@ -170,33 +172,37 @@ class FusionLogitsProcessor(LogitsProcessor):
         otherwise: a chunked prefill or a resumed preemption)."""
         stepping = [s for s in slots if s.read and s.tokens == s.read + 1]
         if self.leaving or len(stepping) != sum(1 for s in slots if s.read):
-            self.pool.keep({s.row for s in stepping})
+            self.pool.keep_rows({s.row for s in stepping})
             self.leaving.clear()
             for s in slots:
                 if s.read and s not in stepping:
                     s.read = 0
         if stepping:
-            self.pool.step({s.row: torch.tensor(s.output[-1]) for s in stepping})
+            self.pool.step(
+                [s.row for s in stepping], torch.tensor([s.output[-1] for s in stepping])
+            )
             for s in stepping:
                 s.read += 1
         joining = [s for s in slots if not s.read]
         if joining:
             fresh = SmallPool(self.models)
             fresh.prefill([_row_prompt(s) for s in joining])
-            self.pool.merge(fresh)
+            self.pool.extend(fresh)
             for s in joining:
                 s.read = s.tokens
 
     def _record(self, slots: Sequence[_Slot], columns: list[str], step) -> None:
-        """Alpha and fallback of slots with a channel (one host read, only when there is one)."""
+        """The step's trace of slots with a channel (one host read, only when there is one)."""
         traced = [(b, s) for b, s in enumerate(slots) if s.channel is not None]
         if not traced:
             return
-        alpha, fallback = step.alpha.tolist(), step.fallback.tolist()
+        flags = [f.float()[:, None] for f in (step.fallback, step.fault)]
+        packed = torch.cat([*flags, step.alpha.float()], dim=1).tolist()  # [B, 2 + T]
         with CHANNELS_LOCK:
             for b, slot in traced:
-                own = [alpha[b][columns.index(e)] for e in slot.experts]
-                slot.channel.steps[len(slot.output)] = (own, fallback[b])
+                fallback, fault, *alpha = packed[b]
+                own = [alpha[columns.index(e)] for e in slot.experts]
+                slot.channel.steps[len(slot.output)] = StepTrace(own, bool(fallback), bool(fault))
 
 
 def _row_prompt(slot: _Slot) -> RowPrompt:
