@@ -40,6 +40,8 @@ ALPHA_LIMIT = 100.0
 # The paper grid has 21 points; beyond this a grid step is a mistake that costs a pass per point.
 MAX_GRID_POINTS = 1001
 SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
+# Alternatives per token a request may ask log-probabilities of (vLLM's `max_logprobs`).
+MAX_LOGPROBS = 20
 
 
 class _Spec(BaseModel):
@@ -180,6 +182,14 @@ class GenerationSpec(_Spec):
     ignore_eos: bool = Field(
         False, description="Keep generating past EOS until max_new_tokens (for benchmarks)."
     )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log-probabilities of each generated token under the fused distribution it "
+        f"was sampled from (before temperature, top-k and top-p): None: off; k (0 <= k <= "
+        f"{MAX_LOGPROBS}): the chosen token's and the k most likely tokens'.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -225,7 +235,11 @@ class VllmSpec(_Spec):
         None, ge=16, description="Context length vLLM reserves KV pages for; None: the model's."
     )
     kv_cache_gib: float | None = Field(
-        None, gt=0, description="KV cache size in GiB (on CPU: the memory vLLM reserves for it)."
+        None,
+        gt=0,
+        description="KV cache size in GiB per worker; None: on CPU, room for max_num_seqs "
+        "sequences of max_model_len tokens, at most 4 GiB and half the free memory (at least one "
+        "sequence); on GPUs vLLM's (from gpu_memory_utilization).",
     )
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="Fraction of accelerator memory vLLM may use; None: vLLM's."

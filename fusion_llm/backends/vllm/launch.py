@@ -3,8 +3,13 @@ host before anything starts. Shared by the engine's vLLM backend and `fusion-llm
 
 from __future__ import annotations
 
+import logging
+import math
 from functools import cache
 from typing import Any
+
+import psutil
+import torch
 
 from ...core.config import FusionConfig
 from ...core.errors import ConfigError
@@ -12,6 +17,13 @@ from ...runtime.models import ModelSet, load_models
 
 PROCESSOR = "fusion_llm.backends.vllm.processor:FusionLogitsProcessor"
 CONFIG_ENV = "FUSION_LLM_CONFIG"  # the fusion config (a path or its JSON) for vLLM's processes
+GIB = 2**30
+# The CPU default's ceiling: one machine's RAM is shared with other processes.
+CPU_KV_CACHE_CAP_GIB = 4
+VLLM_MAX_NUM_SEQS = 128  # vLLM's max_num_seqs when none is given (engine, and server per worker)
+VLLM_CPU_BLOCK_SIZE = 128  # vLLM's tokens per KV page on CPU when block_size is not given
+
+logger = logging.getLogger(__name__)
 
 
 def vllm_environment(config: FusionConfig) -> dict[str, str]:
@@ -25,7 +37,9 @@ def engine_arguments(config: FusionConfig, device: str) -> dict[str, Any]:
     """`vllm.EngineArgs` fields for the config's large model with the fusion processor.
 
     Async scheduling is off: the processor feeds each step's sampled token to the small models,
-    so it must see that token before the next step's logits."""
+    so it must see that token before the next step's logits. On a CPU the KV cache is sized
+    here (`cpu_kv_cache_bytes`, logged) unless one is given, and a given one larger than the free
+    memory is refused (`ConfigError`); on GPUs vLLM sizes it from `gpu_memory_utilization`."""
     large, spec = config.large, config.vllm
     arguments: dict[str, Any] = {
         "model": large.path,
@@ -45,11 +59,90 @@ def engine_arguments(config: FusionConfig, device: str) -> dict[str, Any]:
     if spec.max_model_len is not None:
         arguments["max_model_len"] = spec.max_model_len
     if spec.kv_cache_gib is not None:
-        arguments["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2**30)
+        arguments["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * GIB)
     if spec.gpu_memory_utilization is not None:
         arguments["gpu_memory_utilization"] = spec.gpu_memory_utilization
     arguments.update(spec.engine_args)
+    if device == "cpu":
+        arguments["kv_cache_memory_bytes"] = _checked_cpu_kv_cache(config, arguments)
     return arguments
+
+
+def _checked_cpu_kv_cache(config: FusionConfig, arguments: dict[str, Any]) -> int:
+    workers = arguments["tensor_parallel_size"] * arguments["pipeline_parallel_size"]
+    available = psutil.virtual_memory().available
+    requested = arguments.get("kv_cache_memory_bytes")
+    if requested is None:
+        requested, derivation = cpu_kv_cache_bytes(config, arguments, available)
+        logger.info("vLLM KV cache on CPU: %.3g GiB per worker = %s", requested / GIB, derivation)
+    if requested * workers > available:
+        msg = (
+            f"vLLM's KV cache ({requested * workers / GIB:.2f} GiB over {workers} worker(s)) "
+            f"is more than the {available / GIB:.2f} GiB of memory free; set a "
+            "smaller vllm.kv_cache_gib (unset, it is sized from max_model_len and holds at least "
+            "one sequence: then lower vllm.max_model_len) or free memory"
+        )
+        raise ConfigError(msg)
+    return requested
+
+
+def cpu_kv_cache_bytes(
+    config: FusionConfig, arguments: dict[str, Any], available: int
+) -> tuple[int, str]:
+    """KV cache bytes per vLLM CPU worker when none is configured, and how they were derived.
+
+        per_token = ceil(layers / pp) * 2 * max(1, kv_heads // tp) * head_dim * dtype bytes
+        wanted    = max_num_seqs * max_model_len * per_token
+        floor     = (ceil(max_model_len / block_size) + 1) * block_size * per_token
+        bytes     = max(floor, min(wanted, min(4 GiB, available / 2) / (tp * pp)))
+
+    vLLM's own CPU default, 90 % of RAM less what its process holds, leaves no room for a second
+    process. `floor` is one max_model_len sequence beside the null page vLLM keeps back: vLLM
+    refuses a cache smaller than that. max_model_len and max_num_seqs are vLLM's: the config's,
+    else the model's max_position_embeddings and vLLM's default of 128; the dtype is the one
+    vLLM runs (`arguments["dtype"]`, `auto`: the checkpoint's)."""
+    from transformers import AutoConfig
+
+    large = AutoConfig.from_pretrained(
+        config.large.path,
+        revision=config.large.revision,
+        trust_remote_code=config.large.trust_remote_code,
+    ).get_text_config()
+    max_model_len = arguments.get("max_model_len") or getattr(
+        large, "max_position_embeddings", None
+    )
+    if max_model_len is None:
+        msg = (
+            f"the large model's config ({config.large.path}) gives no max_position_embeddings to "
+            "size vLLM's KV cache on CPU by: set vllm.max_model_len or vllm.kv_cache_gib"
+        )
+        raise ConfigError(msg)
+    tensor_parallel = arguments["tensor_parallel_size"]
+    pipeline = arguments["pipeline_parallel_size"]
+    heads = large.num_attention_heads
+    kv_heads = max(1, (getattr(large, "num_key_value_heads", None) or heads) // tensor_parallel)
+    head_dim = getattr(large, "head_dim", None) or large.hidden_size // heads
+    dtype_bytes = _dtype_bytes(arguments["dtype"], large)
+    layers = math.ceil(large.num_hidden_layers / pipeline)
+    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    max_num_seqs = arguments.get("max_num_seqs") or VLLM_MAX_NUM_SEQS
+    block_size = arguments.get("block_size") or VLLM_CPU_BLOCK_SIZE
+    wanted = max_num_seqs * max_model_len * per_token
+    cap = min(CPU_KV_CACHE_CAP_GIB * GIB, available // 2) // (tensor_parallel * pipeline)
+    floor = (math.ceil(max_model_len / block_size) + 1) * block_size * per_token
+    derivation = (
+        f"{max_num_seqs} sequences x {max_model_len} tokens (max_model_len) x {per_token} bytes "
+        f"per token ({layers} layers x 2 x {kv_heads} KV heads x {head_dim} x {dtype_bytes} "
+        f"bytes) = {wanted / GIB:.3g} GiB, capped at "
+        f"{CPU_KV_CACHE_CAP_GIB} GiB and half the {available / GIB:.3g} GiB free, at least one "
+        f"sequence ({floor / GIB:.3g} GiB); set vllm.kv_cache_gib to choose"
+    )
+    return max(floor, min(wanted, cap)), derivation
+
+
+def _dtype_bytes(dtype: str, large: Any) -> int:
+    name = str(getattr(large, "dtype", None) or "float32") if dtype == "auto" else dtype
+    return getattr(torch, name.removeprefix("torch.")).itemsize
 
 
 def _vllm_dtype(dtype: str, device: str) -> str:

@@ -1,17 +1,18 @@
 """`fusion-llm serve`: vLLM's OpenAI-compatible server for a fused model.
 
 The config is checked first (every model path, vocabularies against the large tokenizer, LoRA
-bases, tensor-parallel head split), so a config vLLM cannot host is refused with its reason before
-vLLM starts. Then this process becomes vLLM's API server (`exec`), with the large model, the fusion
-logits processor and the fusion config in its environment. Requests choose experts and mode with
-`vllm_xargs` (`{"experts": ["math"], "fusion_mode": "dynamic"}`); without them every configured
-expert is fused in the config's mode.
+bases, tensor-parallel head split, on a CPU the KV cache against free memory), so a config vLLM
+cannot host is refused with its reason before vLLM starts. Then this process becomes vLLM's API
+server (`exec`), with the large model, the fusion logits processor and the fusion config in its
+environment. Requests choose experts and mode with `vllm_xargs` (`{"experts": ["math"],
+"fusion_mode": "dynamic"}`); without them every configured expert is fused in the config's mode.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,9 @@ def serve(
             "'fusion-llm[vllm]' on a GPU machine (README, Serving)"
         )
         raise ConfigError(msg)
+    # fusion-llm's start-up lines (the CPU KV cache's size) on stderr, as vLLM's own will be
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fusion_llm").setLevel(logging.INFO)
     check_hostable(config)
     argv = server_command(config, host, port, served_model_name, extra)
     sys.stdout.flush()
