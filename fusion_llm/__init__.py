@@ -30,7 +30,7 @@ from .core.errors import (
 
 if TYPE_CHECKING:
     from .core.config import ExpertSpec, FusionConfig, FusionSpec, GenerationSpec, ModelSpec
-    from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk
+    from .engine import FusionEngine, FusionPrompt, Generation, StreamChunk, TokenLogprob
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,9 @@ _LAZY = {
     **dict.fromkeys(
         ("ExpertSpec", "FusionConfig", "FusionSpec", "GenerationSpec", "ModelSpec"), "core.config"
     ),
-    **dict.fromkeys(("FusionEngine", "FusionPrompt", "Generation", "StreamChunk"), "engine"),
+    **dict.fromkeys(
+        ("FusionEngine", "FusionPrompt", "Generation", "StreamChunk", "TokenLogprob"), "engine"
+    ),
 }
 
 
@@ -73,6 +75,7 @@ __all__ = [
     "NumericalFaultError",
     "RequestError",
     "StreamChunk",
+    "TokenLogprob",
     "UnknownExpertError",
     "VocabularyMismatchError",
 ]

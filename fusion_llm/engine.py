@@ -28,9 +28,10 @@ from .core.text import IncrementalText
 from .runtime.batcher import ContinuousBatcher
 from .runtime.decoder import Decoder
 from .runtime.models import LoadedModel, ModelSet, load_models
-from .runtime.request import DONE, PromptBatch, Request
+from .runtime.request import DONE, PromptBatch, Request, TokenScores
+from .runtime.scoring import Score, score_rows
 from .runtime.step import ConfigSolvers
-from .runtime.validation import fit_to_window, fusion_mode, row_experts
+from .runtime.validation import expert_list, fit_to_window, fusion_mode, row_experts
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,19 @@ class FusionPrompt:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the fused distribution it was sampled from, and
+    the most likely tokens of that distribution (`GenerationSpec.logprobs` of them, most likely
+    first). The distribution is the fused one before temperature, top-k and top-p:
+    log p(v) = log_softmax(z_fused)[v] (see `runtime.sampler`), so a greedy token is `top[0]`."""
+
+    token_id: int
+    token: str  # the token decoded alone
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token_id, token, logprob)
+
+
+@dataclass
 class Generation:
     """The outcome of one prompt."""
 
@@ -61,6 +75,7 @@ class Generation:
     mode: str
     alpha: list[list[float]] = field(default_factory=list)  # [step][expert]
     fallback_steps: list[int] = field(default_factory=list)  # steps where the large model ruled
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
     @property
     def completion_tokens(self) -> int:
@@ -88,24 +103,48 @@ class StreamChunk:
     row: int
     text: str
     generation: Generation | None = None
+    # When the request asked: the entries of the tokens decoded since the row's previous chunk.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class _RowResult:
-    """What one row has produced so far: tokens, alpha trace, fallbacks, text."""
+    """What one row has produced so far: tokens, alpha trace, fallbacks, text, log-probabilities."""
 
     def __init__(self, tokenizer, request: Request, row: int):
         self.request = request
+        self.tokenizer = tokenizer
         self.experts = request.row_experts[row]
         self.text = IncrementalText(tokenizer, request.spec.stop, request.eos_ids)
         self.alpha: list[list[float]] = []
         self.fallback_steps: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if request.spec.logprobs is not None else None
+        self._chunked = 0  # log-probability entries already given out in chunks
 
-    def add(self, token: int, alpha: list[float], fallback: bool, stream: bool) -> str:
+    def add(
+        self,
+        token: int,
+        alpha: list[float],
+        fallback: bool,
+        stream: bool,
+        scores: TokenScores | None = None,
+    ) -> str:
         """Record one token; the text delta is decoded only when streaming."""
         if fallback:
             self.fallback_steps.append(len(self.alpha))
         self.alpha.append([round(a, 4) for a in alpha])
+        if scores is not None:
+            top_ids = [token_id for token_id, _ in scores.top]
+            texts = self.tokenizer.batch_decode([[i] for i in (token, *top_ids)])
+            top = [(i, t, lp) for (i, lp), t in zip(scores.top, texts[1:], strict=True)]
+            self.logprobs.append(TokenLogprob(token, texts[0], scores.logprob, top))
         return self.text.push(token) if stream else self.text.append(token)
+
+    def unchunked_logprobs(self) -> list[TokenLogprob] | None:
+        """The entries not yet given out in a chunk (None when the request did not ask)."""
+        if self.logprobs is None:
+            return None
+        entries, self._chunked = self.logprobs[self._chunked :], len(self.logprobs)
+        return entries
 
     def finish(self, reason: str, row: int) -> tuple[str, Generation]:
         """The last text delta and the row's `Generation`."""
@@ -118,6 +157,7 @@ class _RowResult:
             mode=self.request.mode if self.experts else "none",
             alpha=self.alpha,
             fallback_steps=self.fallback_steps,
+            logprobs=self.logprobs,
         )
 
 
@@ -214,7 +254,8 @@ class FusionEngine:
         `experts`: names of the experts to fuse (None: all configured; []: the large model alone),
         or one such list per prompt (e.g. `[["math"], ["qa"], []]`) to route rows of one batch.
         `mode`: override the configured fusion mode. Other keywords override `GenerationSpec`
-        fields (max_new_tokens, temperature, top_k, top_p, seed, stop, truncate_prompt, ignore_eos).
+        fields (max_new_tokens, temperature, top_k, top_p, seed, stop, truncate_prompt, ignore_eos,
+        logprobs: each `Generation.logprobs` then holds every token's `TokenLogprob`).
         """
         request = self._prepare(prompts, experts, mode, overrides)
         results = {c.row: c.generation for c in self._run(request, stream=False)}
@@ -246,7 +287,7 @@ class FusionEngine:
         ]
         chosen = list(dict.fromkeys(e for names in routes for e in names))
         eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
-        tokens = self._tokenize(batch, chosen, spec)
+        tokens = self._generation_prompts(batch, chosen, spec)
         return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, routes)
 
     async def agenerate(
@@ -333,25 +374,96 @@ class FusionEngine:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.models.large.tokenizer, "chat_template", None))
 
+    # -- scoring ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
+        continuations: str | Sequence[str | Sequence[int]],
+        *,
+        experts: Sequence[str] | None = None,
+        mode: FusionMode | None = None,
+    ) -> list[Score]:
+        """The fused teacher-forced log-likelihood of each continuation after its prompt, in one
+        batch: one `runtime.scoring.Score` (total, per-token log-probs, tokens, is_greedy) each.
+
+        Tokenization at the boundary: each model reads its prompt ids exactly as `generate`
+        tokenizes them, then the continuation's ids, tokenized ALONE by the large model's
+        tokenizer without special tokens (a leading space stays in the continuation: " Paris"),
+        which are the ids decoding emitted only when its text re-tokenizes to them; a list of
+        ids (each below the models' common vocabulary size) is read as given. Each prompt is fitted by `fit_to_window`
+        with its continuation's length free (cut from the left under `truncate_prompt`). Every
+        position is fused by `fusion_step` under decoding's solver for `experts` (one list for
+        every row; None: all) and `mode`; `mode="none"` or `experts=[]` scores the large model
+        alone. An empty continuation, or one the window cannot hold, raises RequestError naming
+        `continuations[i]`.
+        """
+        if self.config.backend == "vllm":
+            raise RequestError("score runs the models here: use backend: hf, not vllm")
+        batch = _as_prompts(prompts, self.expert_names)
+        models = self.models
+        targets = _continuation_ids(
+            models.large.tokenizer, continuations, len(batch), models.vocab_size
+        )
+        mode = fusion_mode(mode, self.config.fusion.mode)
+        chosen = [] if mode == "none" else expert_list(experts, self.expert_names)
+        truncate = self.config.generation.truncate_prompt
+        tokens = self.scoring_prompts(batch, chosen, targets, truncate)
+        solver = ConfigSolvers(self.config)(mode, chosen) if chosen else None
+        with self._run_lock:  # the models are shared with decoding
+            return score_rows(models, tokens, targets, chosen, solver)
+
+    def scoring_prompts(
+        self,
+        batch: Sequence[FusionPrompt],
+        chosen: Sequence[str],
+        continuations: Sequence[Sequence[int]],
+        truncate: bool,
+    ) -> PromptBatch:
+        """Each model's prompt ids for teacher-forcing `continuations[i]` after `batch[i]`: each
+        prompt fitted with its continuation's length free (`truncate`: cut from the left)."""
+        room = [(len(c), f"the length of continuations[{i}]") for i, c in enumerate(continuations)]
+        return self._tokenize(list(batch), list(chosen), room, truncate)
+
     # -- tokenizing -----------------------------------------------------------------------------
-    def _tokenize(
+    def _generation_prompts(
         self, batch: list[FusionPrompt], chosen: list[str], spec: GenerationSpec
     ) -> PromptBatch:
+        return self._tokenize(
+            batch, chosen, [(spec.max_new_tokens, "max_new_tokens")] * len(batch),
+            spec.truncate_prompt,
+        )  # fmt: skip
+
+    def _tokenize(
+        self,
+        batch: list[FusionPrompt],
+        chosen: list[str],
+        room: Sequence[tuple[int, str]],
+        truncate: bool,
+    ) -> PromptBatch:
+        """Each model's ids of each prompt (its own rendering), prompt i fitted with `room[i]` =
+        (positions kept free after it, what they are for)."""
         models = self.models
-        large = [self._encode([models.large], p.large or p.text, p, spec) for p in batch]
+        large = [
+            self._encode([models.large], p.large or p.text, p, r, truncate)
+            for p, r in zip(batch, room, strict=True)
+        ]
         if not chosen:
             return PromptBatch(large=large, small=[])
         # Experts without a rendering of their own read the small base's ids: check their windows too.
         full = [models.full_experts[e] for e in chosen if e in models.full_experts]
         small_readers = [models.small, *full]
-        small = [self._encode(small_readers, p.small or p.text, p, spec) for p in batch]
+        small = [
+            self._encode(small_readers, p.small or p.text, p, r, truncate)
+            for p, r in zip(batch, room, strict=True)
+        ]
         experts = {}
         for name in chosen:
             if any(name in p.experts for p in batch):
                 owner = models.full_experts.get(name, models.small)
                 experts[name] = [
-                    self._encode([owner], p.experts.get(name, p.small or p.text), p, spec)
-                    for p in batch
+                    self._encode([owner], p.experts.get(name, p.small or p.text), p, r, truncate)
+                    for p, r in zip(batch, room, strict=True)
                 ]
         return PromptBatch(large=large, small=small, experts=experts)
 
@@ -360,23 +472,19 @@ class FusionEngine:
         readers: list[LoadedModel],
         text: str,
         prompt: FusionPrompt,
-        spec: GenerationSpec,
+        room: tuple[int, str],
+        truncate: bool,
     ) -> list[int]:
         """Token ids of `text` for the models in `readers` (which share a tokenizer), fitted to
-        the smallest of their context windows with max_new_tokens free (`fit_to_window`)."""
+        the smallest of their context windows with `room` = (count, what it is for) positions
+        free after them (`fit_to_window`)."""
         ids = readers[0].tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         windows = [(m.context_window, m) for m in readers if m.context_window is not None]
         if not windows:
             return ids
         window, model = min(windows, key=lambda pair: pair[0])
-        return fit_to_window(
-            ids,
-            window,
-            spec.max_new_tokens,
-            spec.truncate_prompt,
-            reader=model.name,
-            reserved="max_new_tokens",
-        )
+        reserve, reserved = room
+        return fit_to_window(ids, window, reserve, truncate, reader=model.name, reserved=reserved)
 
 
 def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChunk]:
@@ -385,12 +493,44 @@ def _chunks(rows: list[_RowResult], events, stream: bool) -> Iterator[StreamChun
         raise events
     for event in events:
         result = rows[event.row]
-        delta = result.add(event.token, event.alpha, event.fallback, stream)
+        delta = result.add(event.token, event.alpha, event.fallback, stream, event.scores)
         if event.finished is not None:
             tail, generation = result.finish(event.finished, event.row)
-            yield StreamChunk(event.row, delta + tail, generation)
+            yield StreamChunk(event.row, delta + tail, generation, result.unchunked_logprobs())
         elif delta:
-            yield StreamChunk(event.row, delta)
+            yield StreamChunk(event.row, delta, logprobs=result.unchunked_logprobs())
+
+
+def _continuation_ids(tokenizer, continuations: Any, rows: int, vocab: int) -> list[list[int]]:
+    """Each continuation's ids: a text tokenized alone without special tokens, or ids (each below
+    `vocab`) as given; RequestError naming `continuations`."""
+    items = [continuations] if isinstance(continuations, str) else continuations
+    if (
+        not isinstance(items, Sequence)
+        or len(items) != rows
+        or not all(isinstance(c, str) or _is_ids(c, vocab) for c in items)
+    ):
+        msg = (
+            f"continuations must be one text or list of token ids (each below {vocab}) per "
+            f"prompt ({rows}), got "
+            f"{continuations!r:.200}"
+        )
+        raise RequestError(msg)
+    ids = [
+        tokenizer(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c)
+        for c in items
+    ]
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        msg = f"continuations[{empty[0]}] is empty: no token to score; give a non-empty text"
+        raise RequestError(msg)
+    return ids
+
+
+def _is_ids(item: Any, vocab: int) -> bool:
+    return isinstance(item, Sequence) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in item
+    )
 
 
 def _as_prompts(prompts: Any, expert_names: Sequence[str]) -> list[FusionPrompt]:

@@ -34,16 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from tqdm import tqdm
 
 from ..core.errors import RequestError, UnknownExpertError
-from ..core.fusion import fusion_step, log_probs, make_solver
-from ..core.padding import padded
 from ..engine import FusionEngine, FusionPrompt
 from ..routing.card import card_path, read_card, store_verdict
-from ..runtime.models import BASE_ADAPTER, LoadedModel
-from ..runtime.validation import fit_to_window
+from ..runtime.scoring import TeacherForced, fused_logits, target_log_probs
+from ..runtime.scoring import teacher_forced_logits as teacher_forced_logits_of
+from ..runtime.step import ConfigSolvers
 from .data import Record, read_jsonl, render
 
 Tensor = torch.Tensor
@@ -162,20 +160,17 @@ def reference_log_likelihoods(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """([N] fused log-likelihood, [N] large-alone log-likelihood, [N] token counts) of the
     references, teacher-forced; tokens outside the models' common vocabulary are not counted."""
-    spec = next(e for e in engine.config.experts if e.name == expert)
-    fusion = engine.config.fusion
-    solver = make_solver(mode, torch.tensor([spec.alpha]), fusion)
+    solver = ConfigSolvers(engine.config)(mode, [expert])
     if solver is None:
         raise RequestError("the gate measures a fusion mode: use static, paper or dynamic")
     fused, large, counts = [], [], []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"gate {expert}", mininterval=1, leave=False):
-        end = start + batch_size
-        with engine.exclusive():  # the models are shared with generation
-            batch = _batch_log_likelihoods(
-                engine, expert, prompts[start:end], references[start:end], solver
-            )
-        for total, part in zip((fused, large, counts), batch, strict=True):
+        rows = slice(start, start + batch_size)
+        forced = _teacher_forced(engine, expert, prompts[rows], references[rows])
+        for total, part in zip(
+            (fused, large, counts), _per_row(forced, references[rows], solver), strict=True
+        ):
             total.append(part)
     return torch.cat(fused), torch.cat(large), torch.cat(counts)
 
@@ -188,97 +183,31 @@ def teacher_forced_logits(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """[T, V] logits of the large model, the small base and `expert` at every reference position
     (rows concatenated, V the common vocabulary), and the [T] reference tokens they predict."""
-    models = engine.models
-    vocab = models.vocab_size
-    large_text = [p.large or p.text for p in prompts]
-    small_text = [p.small or p.text for p in prompts]
-    z_large = _reference_logits(models.large, large_text, prompts, references)  # [T, V]
-    small = models.small
-    if expert in models.lora_experts:
-        rows = [BASE_ADAPTER] * len(prompts) + [models.lora_experts[expert]] * len(prompts)
-        both = _reference_logits(
-            small, small_text * 2, [*prompts, *prompts], [*references, *references], rows
-        )
-        z_small, z_expert = both.chunk(2)  # [T, V] each: positions are laid out row by row
-    else:
-        base_rows = [BASE_ADAPTER] * len(prompts) if isinstance(small.model, PeftModel) else None
-        z_small = _reference_logits(small, small_text, prompts, references, base_rows)
-        owner = models.full_experts[expert]
-        expert_text = [p.experts.get(expert, s) for p, s in zip(prompts, small_text, strict=True)]
-        z_expert = _reference_logits(owner, expert_text, prompts, references)
-    targets = torch.tensor([t for ref in references for t in ref], device=z_large.device)  # [T]
-    device = z_large.device
-    return (
-        z_large[:, :vocab], z_small.to(device)[:, :vocab], z_expert.to(device)[:, :vocab], targets,
-    )  # fmt: skip
+    forced = _teacher_forced(engine, expert, prompts, references)
+    return forced.large, forced.small, forced.experts[:, 0], forced.targets
 
 
-def _batch_log_likelihoods(engine, expert, prompts, references, solver):
-    z_large, z_small, z_expert, targets = teacher_forced_logits(engine, expert, prompts, references)
-    vocab = z_large.shape[-1]
-    counted = targets < vocab
-    safe = torch.where(counted, targets, 0)[:, None]
-    step = fusion_step(
-        z_large, z_small, z_expert[:, None],
-        torch.ones(len(targets), 1, dtype=torch.bool, device=z_large.device), solver,
-    )  # fmt: skip
-    fused_token = log_probs(step.logits).gather(-1, safe)[:, 0] * counted  # [T]
-    large_token = log_probs(z_large).gather(-1, safe)[:, 0] * counted  # [T]
-    row = torch.repeat_interleave(
-        torch.arange(len(references), device=targets.device),
-        torch.tensor([len(r) for r in references], device=targets.device),
-    )
+def _teacher_forced(engine, expert, prompts, references) -> TeacherForced:
+    """`runtime.scoring.teacher_forced_logits` of the references, each prompt fitted with its
+    reference's length free (its oldest tokens dropped; a reference as long as the window raises)."""
+    tokens = engine.scoring_prompts(prompts, [expert], references, truncate=True)
+    with engine.exclusive():  # the models are shared with generation
+        return teacher_forced_logits_of(engine.models, tokens, references, [expert])
+
+
+def _per_row(forced: TeacherForced, references, solver) -> tuple[Tensor, Tensor, Tensor]:
+    """[N] fused and large-alone log-likelihoods and [N] counted tokens of a batch's references."""
+    counted = forced.targets < forced.large.shape[-1]  # [T]: tokens outside V are not counted
+    fused_token = target_log_probs(fused_logits(forced, solver), forced.targets)[0]
+    large_token = target_log_probs(forced.large, forced.targets)[0]
+    fused_token, large_token = (torch.where(counted, t, 0.0) for t in (fused_token, large_token))
+    lengths = torch.tensor([len(r) for r in references], device=counted.device)
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=counted.device), lengths)
 
     def per_row(values: Tensor) -> Tensor:
-        return torch.zeros(len(references), device=values.device).index_add_(0, row, values.float())
+        return torch.zeros(len(lengths), device=values.device).index_add_(0, row, values.float())
 
     return per_row(fused_token).cpu(), per_row(large_token).cpu(), per_row(counted).cpu()
-
-
-def _reference_logits(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    prompts: Sequence[FusionPrompt],
-    references: Sequence[Sequence[int]],
-    adapter_names: list[str] | None = None,
-) -> Tensor:
-    """The logits that predict each reference token, rows concatenated: [sum of lengths, V].
-
-    Left padding puts every reference at the end of its row, so one `logits_to_keep` window holds
-    all of them.
-    """
-    sequences = []
-    for text, prompt, reference in zip(texts, prompts, references, strict=True):
-        ids = loaded.tokenizer(text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
-        sequences.append(_fit(ids, list(reference), loaded))
-    ids, mask = padded(sequences, loaded.tokenizer.pad_token_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(r) for r in references) + 1
-    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
-    device = loaded.input_device
-    logits = loaded.model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        logits_to_keep=keep,
-        **extra,
-    ).logits  # [B, keep, V]: position j predicts the token at width - keep + j + 1
-    parts = [logits[row, keep - 1 - len(r) : keep - 1] for row, r in enumerate(references)]
-    return torch.cat(parts).float()
-
-
-def _fit(prompt: list[int], reference: list[int], loaded: LoadedModel) -> list[int]:
-    """prompt + reference, the prompt fitted to the context window with the reference's length
-    free (`fit_to_window`: its oldest tokens dropped; a reference as long as the window raises)."""
-    fitted = fit_to_window(
-        prompt,
-        loaded.context_window,
-        len(reference),
-        truncate=True,
-        reader=loaded.name,
-        reserved="the reference's length",
-    )
-    return fitted + reference
 
 
 def _held_out_file(spec) -> Path:

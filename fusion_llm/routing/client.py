@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..core.config import FusionConfig
 from ..core.errors import RequestError
-from ..engine import FusionEngine, FusionPrompt, Generation, StreamChunk
+from ..engine import FusionEngine, FusionPrompt, Generation, StreamChunk, TokenLogprob
 from .chat import NO_TOOL_TEMPLATE, end_of_turn, no_messages
 from .compose import WeightComposer
 from .router import Route, RoutingDecision, Source, TaskRouter
@@ -59,6 +59,26 @@ def stop_strings(*sources: str | Sequence[str] | None) -> list[str] | None:
             raise RequestError(msg)
         stops.extend(items)
     return list(dict.fromkeys(stops)) or None
+
+
+def openai_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, list[dict[str, Any]]]:
+    """Log-probabilities in OpenAI's shape, as both frameworks read them: `{"content": [{"token",
+    "logprob", "bytes" (the token's UTF-8 bytes), "top_logprobs": [{"token", "logprob",
+    "bytes"}]}]}`, one entry per generated token. A token is decoded alone, so one that holds part
+    of a multi-byte character reads as U+FFFD (and its bytes are that character's)."""
+
+    def scored(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {
+                **scored(e.token, e.logprob),
+                "top_logprobs": [scored(token, logprob) for _, token, logprob in e.top],
+            }
+            for e in entries
+        ]
+    }
 
 
 @dataclass

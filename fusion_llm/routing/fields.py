@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from ..core.config import FusionConfig
+from ..core.config import MAX_LOGPROBS, FusionConfig
 from ..core.errors import ConfigError, RequestError
 from ..engine import FusionEngine
 from .client import FusionClient, shared_engine, stop_strings
@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 
 SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
 TOKEN_LIMIT_NAMES = ("max_tokens", "max_new_tokens")  # LangChain's name, LlamaIndex's name
+LOGPROB_KEYWORDS = ("logprobs", "top_logprobs")  # OpenAI's names, as both frameworks use them
 # Call keywords every adapter takes; a typo of one is refused with a hint.
-CALL_KEYWORD_NAMES = (*CALL_KEYWORDS, *SAMPLING_KEYWORDS, *TOKEN_LIMIT_NAMES, "stop")
+CALL_KEYWORD_NAMES = (
+    *CALL_KEYWORDS, *SAMPLING_KEYWORDS, *TOKEN_LIMIT_NAMES, *LOGPROB_KEYWORDS, "stop",
+)  # fmt: skip
 
 
 def token_limit_field(name: str) -> Any:
@@ -116,6 +119,16 @@ class AdapterFields(BaseModel):
         description="Stop strings (a bare string is one), cut from the output; a call's `stop` "
         "is added.",
     )
+    logprobs: bool = Field(
+        default=False,
+        description="Return each generated token's log-probability under the fused distribution "
+        "it was sampled from (before temperature, top-k and top-p).",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        description=f"Also return this many most likely tokens per step (0-{MAX_LOGPROBS}; "
+        "implies `logprobs`).",
+    )
 
     # Call keywords this adapter takes besides CALL_KEYWORD_NAMES (e.g. a chat model's tools).
     extra_call_keywords: ClassVar[tuple[str, ...]] = ()
@@ -173,8 +186,16 @@ class AdapterFields(BaseModel):
             **{key: kwargs[key] for key in SAMPLING_KEYWORDS if key in kwargs},
             "max_new_tokens": next((n for n in limits if n is not None), max_new_tokens),
             "stop": stop_strings(self.stop, kwargs.get("stop"), *stops),
+            "logprobs": self._logprobs(kwargs),
         }
         return {k: v for k, v in params.items() if v is not None}
+
+    def _logprobs(self, kwargs: Mapping[str, Any]) -> int | None:
+        """The engine's `logprobs` (alternatives per token; None: off) from OpenAI's pair:
+        `logprobs` switches them on, `top_logprobs` (which implies it) adds alternatives."""
+        asked = kwargs.get("logprobs", self.logprobs)
+        top = kwargs.get("top_logprobs", self.top_logprobs)
+        return (top or 0) if asked or top is not None else None
 
 
 def with_engine(fields: dict[str, Any]) -> dict[str, Any]:

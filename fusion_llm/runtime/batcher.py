@@ -32,9 +32,9 @@ from ..core.fusion import AlphaSolver
 from .batch import DecodeBatch, DecodeRow
 from .decoder import SHUTDOWN, row_fault, stop_at_exit, typed_fault
 from .models import ModelSet
-from .request import Request, RowEvent, Submission, Ticket
+from .request import Request, RowEvent, Submission, Ticket, TokenScores
 from .rows import RowId
-from .sampler import sample
+from .sampler import SamplingBatch, StepLogprobs, sample, token_logprobs
 from .scheduler import Scheduler
 from .stops import stopped
 
@@ -193,10 +193,11 @@ class ContinuousBatcher:
             with self._models_lock:
                 fused = self._batch.fuse(self._solver_for)
                 tokens = sample(fused.logits, self._batch.sampling)  # [B]
+                logprobs = token_logprobs(fused.logits, tokens, self._batch.sampling)
                 # The step's one host read: tokens (exact in float32 below 2**24 ids), flags, alpha.
                 flags = [t.float()[:, None] for t in (tokens, fused.fallback, fused.fault)]
                 read = torch.cat([*flags, fused.alpha.float()], dim=1).tolist()
-                finished = self._deliver(read)
+                finished = self._deliver(read, _scores(logprobs, self._batch.sampling))
                 self._leave(finished)
                 if self._batch is not None:
                     kept = [b for b in range(len(tokens)) if b not in finished]
@@ -204,9 +205,10 @@ class ContinuousBatcher:
         except BaseException as fault:  # noqa: BLE001 - the shared state is lost: isolate
             self._isolate(fault)
 
-    def _deliver(self, read: list[list[float]]) -> set[int]:
+    def _deliver(self, read: list[list[float]], scores: dict[int, TokenScores]) -> set[int]:
         """Record each row's token, send each ticket its events; the positions that finished.
-        `read[b]`: row b's token, fallback and fault flags, then alpha over the batch's columns."""
+        `read[b]`: row b's token, fallback and fault flags, then alpha over the batch's columns;
+        `scores[b]`: row b's log-probabilities, when it reports them."""
         rows, columns = self._batch.rows, self._batch.columns
         stops = self._stopped([int(r[0]) for r in read])
         events: dict[int, tuple[Ticket, list[RowEvent]]] = {}  # by ticket id
@@ -225,7 +227,14 @@ class ContinuousBatcher:
                 continue  # a rerun replays what its caller already has
             ticket.delivered[row.index] = len(row.tokens)
             own_alpha = [alpha[columns.index(e)] for e in row.experts]
-            event = RowEvent(ticket.first_row + row.index, token, own_alpha, bool(fallback), reason)
+            event = RowEvent(
+                ticket.first_row + row.index,
+                token,
+                own_alpha,
+                bool(fallback),
+                reason,
+                scores.get(b),
+            )
             events.setdefault(ticket.id, (ticket, []))[1].append(event)
         for ticket, batch in events.values():
             ticket.submission.deliver(batch)
@@ -276,6 +285,20 @@ class ContinuousBatcher:
             tickets[0].submission.fail(typed_fault(fault))
             return
         self._scheduler.readmit_alone([t for t in tickets if not t.submission.finished])
+
+
+def _scores(step: StepLogprobs | None, sampling: SamplingBatch) -> dict[int, TokenScores]:
+    """Each reporting row's log-probabilities by position, with its own number of alternatives
+    (read from the device only on steps where some row reports)."""
+    if step is None:
+        return {}
+    chosen, ids, logprobs = step.chosen.tolist(), step.top_ids.tolist(), step.top_logprobs.tolist()
+    return {
+        b: TokenScores(
+            chosen[r], list(zip(ids[r], logprobs[r], strict=True))[: sampling.logprobs[b]]
+        )
+        for r, b in enumerate(step.rows)
+    }
 
 
 def _finish_reason(row: DecodeRow, token: int, stopped: bool) -> str | None:

@@ -81,6 +81,15 @@ class Request:
 
 
 @dataclass
+class TokenScores:
+    """A generated token's log-probability and the row's k most likely alternatives (ids and
+    log-probabilities, most likely first), as `sampler.token_logprobs` defines them."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class RowEvent:
     """One token of one row, as its caller receives it."""
 
@@ -89,6 +98,7 @@ class RowEvent:
     alpha: list[float]  # over the row's own experts
     fallback: bool
     finished: str | None
+    scores: TokenScores | None = None  # when the request asks for log-probabilities
 
 
 class Submission:

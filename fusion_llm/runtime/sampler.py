@@ -9,10 +9,15 @@ rows join and filtered / extended with the running rows, and each sampled row's 
     3. temperature: z / T per row;
     4. top-k, then top-p, on one ascending sort: top-k keeps the k largest logits (ties at the k-th
        stay), top-p the smallest set of most likely tokens whose mass is >= p (never empty);
-    5. the probabilities softmax(z) (log-probabilities of the processed distribution would be read
-       here; none are returned yet);
+    5. the probabilities softmax(z);
     6. draw: each sampled row from its probabilities with its own generator, seeded once per row
        (`row_seeds`), so a seed reproduces its row whatever else shares the batch.
+`token_logprobs` then reads, for the rows that ask (`GenerationSpec.logprobs`), the distribution
+a token was drawn from, defined as the fused distribution after step 2 and before steps 3-4:
+    log p(v) = log_softmax(z_fused)[v]    (float32, z_fused: the fused logits [B, V])
+the chosen token's and the k most likely tokens' (k: the largest any row asks; each row keeps
+its own). Temperature, top-k and top-p shape the draw, not the reported distribution, so a
+greedy row's token is the top-1 of its own report.
 Only step 6 loops over rows (a generator draws for one row at a time). A temperature below
 `GREEDY_TEMPERATURE` is greedy: dividing by it would overflow, and the argmax is the limit anyway.
 """
@@ -50,6 +55,7 @@ class SamplingBatch:
     top_k: Tensor  # [B] int64; 0: no limit
     top_p: Tensor  # [B] float32; 1: no limit
     generators: list[torch.Generator | None]  # a sampled row's own, made at its first draw
+    logprobs: list[int | None]  # alternatives a row reports; None: no log-probabilities
 
     @classmethod
     def of(cls, specs: Sequence[GenerationSpec], seeds: Sequence[int | None]) -> SamplingBatch:
@@ -63,6 +69,7 @@ class SamplingBatch:
             top_k=torch.tensor([s.top_k or 0 for s in specs], dtype=torch.long),
             top_p=torch.tensor([s.top_p for s in specs], dtype=torch.float32),
             generators=[None] * len(specs),
+            logprobs=[s.logprobs for s in specs],
         )
 
     @property
@@ -70,11 +77,17 @@ class SamplingBatch:
         """Positions of the rows that sample (the others are greedy)."""
         return [b for b, seed in enumerate(self.seeds) if seed is not None]
 
+    @property
+    def reporting(self) -> list[int]:
+        """Positions of the rows that report log-probabilities."""
+        return [b for b, k in enumerate(self.logprobs) if k is not None]
+
     def filter(self, positions: Sequence[int]) -> None:
         """Keep the rows at `positions`, in that order."""
         index = torch.tensor(positions, dtype=torch.long)
         self.seeds = [self.seeds[i] for i in positions]
         self.generators = [self.generators[i] for i in positions]
+        self.logprobs = [self.logprobs[i] for i in positions]
         self.temperature, self.top_k, self.top_p = (
             self.temperature[index], self.top_k[index], self.top_p[index],
         )  # fmt: skip
@@ -83,6 +96,7 @@ class SamplingBatch:
         """Append `other`'s rows."""
         self.seeds += other.seeds
         self.generators += other.generators
+        self.logprobs += other.logprobs
         self.temperature = torch.cat([self.temperature, other.temperature])
         self.top_k = torch.cat([self.top_k, other.top_k])
         self.top_p = torch.cat([self.top_p, other.top_p])
@@ -114,6 +128,30 @@ def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
         draw = torch.multinomial(probs[s], 1, generator=batch.generator(b, device))
         tokens[b] = draw[0]
     return tokens
+
+
+@dataclass
+class StepLogprobs:
+    """One step's log-probabilities of the rows that report them (`SamplingBatch.reporting`)."""
+
+    rows: list[int]  # positions in the batch, [R]
+    chosen: Tensor  # [R] float32: log p(sampled token)
+    top_ids: Tensor  # [R, k] int64: the k most likely tokens, most likely first
+    top_logprobs: Tensor  # [R, k] float32
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, batch: SamplingBatch) -> StepLogprobs | None:
+    """logits [B, V], sampled tokens [B] -> the reporting rows' log-probabilities (None: no row
+    reports): the definition in the module docstring, one batched top-k with k = the rows' largest."""
+    reporting = batch.reporting
+    if not reporting:
+        return None
+    device = logits.device
+    rows = torch.tensor(reporting, dtype=torch.long, device=device)
+    logprobs = logits[rows].float().log_softmax(dim=-1)  # [R, V]
+    chosen = logprobs.gather(-1, tokens[rows][:, None])[:, 0]  # [R]
+    top = logprobs.topk(max(batch.logprobs[b] for b in reporting), dim=-1)  # [R, k]
+    return StepLogprobs(reporting, chosen, top.indices, top.values)
 
 
 def top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:

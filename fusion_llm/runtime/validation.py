@@ -77,9 +77,10 @@ def fit_to_window(
            prompt is what the next token depends on);
         3. else ContextWindowError naming n, R, W, `reader` (the model, e.g. "small base") and
            `reserved` (what R counts, e.g. "max_new_tokens") and the fix.
-    The engine reserves max_new_tokens and truncates only under `truncate_prompt`; the router
-    reserves nothing and always truncates; the gate reserves the reference it scores after the
-    prompt and always truncates.
+    Generation reserves max_new_tokens and truncates only under `truncate_prompt`; `engine.score`
+    reserves the continuation and truncates only under `truncate_prompt`; the router reserves
+    nothing and always truncates; the gate reserves the reference it scores after the prompt and
+    always truncates.
     """
     if window is None or len(ids) + reserve <= window:
         return ids

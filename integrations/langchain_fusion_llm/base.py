@@ -15,8 +15,14 @@ The LangChain cache key (`_identifying_params` + call keywords) sees levels 1 an
 combine a cache with metadata- or tag-routing.
 
 Call keywords: the routing ones above, `max_tokens` (alias `max_new_tokens`), `temperature`,
-`top_k`, `top_p`, `seed`, `mode` and `stop` (a bare string is one stop string); any other keyword
-is refused with a typed `RequestError` (a typo must not silently fall back to a default).
+`top_k`, `top_p`, `seed`, `mode`, `stop` (a bare string is one stop string), `logprobs` and
+`top_logprobs`; any other keyword is refused with a typed `RequestError` (a typo must not silently
+fall back to a default).
+
+Log-probabilities (`logprobs=True`, `top_logprobs=k`, as fields, bound or passed) come in OpenAI's
+shape (`fusion_llm.routing.client.openai_logprobs`) under the key "logprobs": in a chat message's
+`response_metadata` and a generation's `generation_info`; each streamed chunk carries the entries
+of its own tokens, so merged chunks hold every token's once.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
 from fusion_llm import FusionPrompt
-from fusion_llm.routing.client import RoutedGeneration, stop_strings
+from fusion_llm.engine import TokenLogprob
+from fusion_llm.routing.client import RoutedGeneration, openai_logprobs, stop_strings
 from fusion_llm.routing.fields import AdapterFields, token_limit_field
 from fusion_llm.routing.router import Route, Source, choose_route
 
@@ -247,6 +254,8 @@ class FusionLanguageModel(AdapterFields):
             "top_p": self.top_p,
             "seed": self.seed,
             "stop": self.stop,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
         }
 
     def _ls_fields(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -260,3 +269,8 @@ class FusionLanguageModel(AdapterFields):
             "ls_stop": stop_strings(self.stop, stop),
         }
         return {k: v for k, v in params.items() if v is not None}
+
+
+def logprobs_info(entries: list[TokenLogprob] | None) -> dict[str, Any]:
+    """`{"logprobs": <OpenAI's shape>}` when the call asked for log-probabilities, else {}."""
+    return {} if entries is None else {"logprobs": openai_logprobs(entries)}

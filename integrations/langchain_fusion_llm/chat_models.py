@@ -38,7 +38,7 @@ from fusion_llm.routing.chat import (
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .base import FusionLanguageModel
+from .base import FusionLanguageModel, logprobs_info
 from .structured import RoutedBinding, structured_output
 
 # Content blocks of an AI message that restate its `tool_calls` (rendered from those).
@@ -285,30 +285,35 @@ def _result(routed: RoutedGeneration, model_name: str, parse_tools: bool) -> Cha
     content, tool_calls = (
         parse_tool_calls(routed.generation.text) if parse_tools else (routed.generation.text, [])
     )
+    info = {**routed.info, **logprobs_info(routed.generation.logprobs)}
     message = AIMessage(
         content=content,
         tool_calls=tool_calls,
         usage_metadata=_usage_metadata(routed),
-        response_metadata={"model_name": model_name, **routed.info},
+        response_metadata={"model_name": model_name, **info},
     )
     return ChatResult(
-        generations=[ChatGeneration(message=message, generation_info=routed.info)],
+        generations=[ChatGeneration(message=message, generation_info=info)],
         llm_output={"token_usage": routed.usage, "model_name": model_name},
     )
 
 
 def _chunk(piece: StreamChunk, decision: RoutingDecision, model_name: str) -> ChatGenerationChunk:
-    """A streamed piece; the last one carries usage, response metadata and generation info."""
+    """A streamed piece with its tokens' log-probabilities (when asked); the last one carries
+    usage, response metadata and generation info."""
+    scores = logprobs_info(piece.logprobs)
     if piece.generation is None:
-        return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+        message = AIMessageChunk(content=piece.text, response_metadata=scores)
+        return ChatGenerationChunk(message=message, generation_info=scores or None)
     routed = RoutedGeneration(piece.generation, decision)
+    info = {**routed.info, **scores}
     message = AIMessageChunk(
         content=piece.text,
         usage_metadata=_usage_metadata(routed),
-        response_metadata={"model_name": model_name, **routed.info},
+        response_metadata={"model_name": model_name, **info},
         chunk_position="last",
     )
-    return ChatGenerationChunk(message=message, generation_info=routed.info)
+    return ChatGenerationChunk(message=message, generation_info=info)
 
 
 def _usage_metadata(routed: RoutedGeneration) -> dict[str, int]:

@@ -19,7 +19,7 @@ from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .base import FusionLanguageModel
+from .base import FusionLanguageModel, logprobs_info
 
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
@@ -135,8 +135,9 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
         return [r if isinstance(r, Exception) else self._row_result(r) for r in routed]
 
     def _row_result(self, routed: RoutedGeneration) -> LLMResult:
+        info = {**routed.info, **logprobs_info(routed.generation.logprobs)}
         return LLMResult(
-            generations=[[Generation(text=routed.generation.text, generation_info=routed.info)]],
+            generations=[[Generation(text=routed.generation.text, generation_info=info)]],
             llm_output={"token_usage": routed.usage, "model_name": self.model_name},
         )
 
@@ -166,9 +167,10 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
 
 
 def _chunk(piece: StreamChunk, decision: RoutingDecision) -> GenerationChunk:
-    """A streamed piece; the last one carries the generation info."""
+    """A streamed piece with its tokens' log-probabilities (when asked); the last one carries
+    the generation info."""
+    scores = logprobs_info(piece.logprobs)
     if piece.generation is None:
-        return GenerationChunk(text=piece.text)
-    return GenerationChunk(
-        text=piece.text, generation_info=RoutedGeneration(piece.generation, decision).info
-    )
+        return GenerationChunk(text=piece.text, generation_info=scores or None)
+    info = RoutedGeneration(piece.generation, decision).info
+    return GenerationChunk(text=piece.text, generation_info={**info, **scores})

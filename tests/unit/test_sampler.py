@@ -14,6 +14,7 @@ from fusion_llm.runtime.sampler import (
     SamplingBatch,
     row_seeds,
     sample,
+    token_logprobs,
     top_k_top_p,
 )
 
@@ -128,3 +129,25 @@ def test_every_sampled_row_needs_a_seed():
     assert row_seeds(GenerationSpec(), 2) == [None, None]
     drawn = row_seeds(GenerationSpec(temperature=1.0), 2)
     assert drawn[1] == drawn[0] + 1
+
+
+def test_logprobs_are_the_log_softmax_before_temperature_of_the_rows_that_ask():
+    logits = fake_logits(4)
+    specs = [
+        GenerationSpec(logprobs=2),
+        GenerationSpec(),
+        GenerationSpec(temperature=3.0, top_k=2, logprobs=0),
+        GenerationSpec(logprobs=5),
+    ]
+    batch = batch_of(specs)
+    tokens = sample(logits, batch)
+    step = token_logprobs(logits, tokens, batch)
+    reference = logits.float().log_softmax(-1)
+    assert step.rows == [0, 2, 3]
+    assert torch.equal(step.chosen, reference[[0, 2, 3], tokens[[0, 2, 3]]])
+    assert torch.equal(step.top_ids, reference[[0, 2, 3]].topk(5).indices)  # k: the largest asked
+    assert step.top_ids[[0, 2], 0].tolist() == tokens[[0, 3]].tolist()  # greedy: the top-1
+    batch.filter([1, 3])
+    batch.extend(batch_of([GenerationSpec(logprobs=1)]))
+    assert batch.reporting == [1, 2]
+    assert token_logprobs(logits[:1], tokens[:1], batch_of([GenerationSpec()])) is None

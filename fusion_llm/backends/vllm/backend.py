@@ -266,6 +266,8 @@ def _sampling_params(
     mode: str,
     channel: str,
 ):
+    if spec.logprobs is not None:
+        raise RequestError("logprobs are not supported on the vllm backend yet; use backend: hf")
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 

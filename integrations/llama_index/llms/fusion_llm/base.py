@@ -10,8 +10,15 @@ Routing for one call (first present wins, see `fusion_llm.routing.router`):
     3. the `route` field: "all" (default), "none", "auto", "examples" or task names.
 
 Call keywords: the routing ones above, `max_new_tokens` (alias `max_tokens`), `temperature`,
-`top_k`, `top_p`, `seed`, `mode` and `stop` (a bare string is one stop string); any other keyword
-is refused with a typed `RequestError`. Chat replies stop at the end of the assistant turn.
+`top_k`, `top_p`, `seed`, `mode`, `stop` (a bare string is one stop string), `logprobs` and
+`top_logprobs`; any other keyword is refused with a typed `RequestError`. Chat replies stop at the
+end of the assistant turn.
+
+Log-probabilities (`logprobs=True`, `top_logprobs=k`, as fields or call keywords) fill
+`CompletionResponse.logprobs` / `ChatResponse.logprobs`: per generated token, its k most likely
+alternatives as `LogProb`s (OpenAI's `top_logprobs`, as LlamaIndex's OpenAI LLM reports them; the
+distribution is the fused one before temperature, top-k and top-p); a streamed response carries
+those of its delta's tokens.
 
 For RAG, let LlamaIndex count tokens as the model does: `Settings.tokenizer = llm.engine.tokenizer.encode`.
 """
@@ -32,6 +39,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
+    LogProb,
     MessageRole,
     TextBlock,
 )
@@ -43,9 +51,9 @@ from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDI
 from pydantic import BaseModel, Field
 
 from fusion_llm import FusionPrompt
-from fusion_llm.engine import StreamChunk
+from fusion_llm.engine import StreamChunk, TokenLogprob
 from fusion_llm.routing.chat import chat_message, no_messages, non_text_content
-from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
+from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread, openai_logprobs
 from fusion_llm.routing.fields import AdapterFields, token_limit_field
 from fusion_llm.routing.router import Route, RoutingDecision, Source, choose_route
 
@@ -139,7 +147,7 @@ class FusedLLM(AdapterFields, CustomLLM):
             text = ""
             async for piece in iterate_in_thread(pieces):
                 text += piece.text
-                yield CompletionResponse(text=text, delta=piece.text, raw=_raw(piece, decision))
+                yield _piece_response(text, piece, decision)
 
         return completions()
 
@@ -170,10 +178,7 @@ class FusedLLM(AdapterFields, CustomLLM):
             text = ""
             async for piece in iterate_in_thread(pieces):
                 text += piece.text
-                completion = CompletionResponse(
-                    text=text, delta=piece.text, raw=_raw(piece, decision)
-                )
-                yield _chat_response(completion)
+                yield _chat_response(_piece_response(text, piece, decision))
 
         return responses()
 
@@ -195,7 +200,10 @@ class FusedLLM(AdapterFields, CustomLLM):
         (routed,) = self.client.generate(
             [prompt], [self._route(kwargs)], **self._engine_keywords(kwargs, chat)
         )
-        return CompletionResponse(text=routed.generation.text, raw=_info(routed))
+        generation = routed.generation
+        return CompletionResponse(
+            text=generation.text, raw=_info(routed), logprobs=_logprobs(generation.logprobs)
+        )
 
     def _start_stream(
         self, prompt: FusionPrompt, kwargs: dict[str, Any], chat: bool = False
@@ -234,17 +242,34 @@ def _raw(piece: StreamChunk, decision: RoutingDecision) -> dict[str, Any] | None
     return None if piece.generation is None else _info(RoutedGeneration(piece.generation, decision))
 
 
+def _logprobs(entries: list[TokenLogprob] | None) -> list[list[LogProb]] | None:
+    """Per token, its alternatives as `LogProb`s; None when the call did not ask."""
+    if entries is None:
+        return None
+    content = openai_logprobs(entries)["content"]
+    return [[LogProb(**alternative) for alternative in e["top_logprobs"]] for e in content]
+
+
+def _piece_response(text: str, piece: StreamChunk, decision: RoutingDecision) -> CompletionResponse:
+    """A streamed piece: cumulative `text`, the new `delta` and its tokens' log-probabilities."""
+    return CompletionResponse(
+        text=text, delta=piece.text, raw=_raw(piece, decision), logprobs=_logprobs(piece.logprobs)
+    )
+
+
 def _completions(decision: RoutingDecision, pieces: Iterator[StreamChunk]) -> CompletionResponseGen:
     """Cumulative `text` and the new `delta` per piece; closing early stops the engine."""
     text = ""
     try:
         for piece in pieces:
             text += piece.text
-            yield CompletionResponse(text=text, delta=piece.text, raw=_raw(piece, decision))
+            yield _piece_response(text, piece, decision)
     finally:
         pieces.close()
 
 
 def _chat_response(completion: CompletionResponse) -> ChatResponse:
     message = ChatMessage(role=MessageRole.ASSISTANT, content=completion.text)
-    return ChatResponse(message=message, delta=completion.delta, raw=completion.raw)
+    return ChatResponse(
+        message=message, delta=completion.delta, raw=completion.raw, logprobs=completion.logprobs
+    )
