@@ -175,6 +175,7 @@ class FusionEngine:
         # Held while the models run (decoding, or a router scoring prompts): peft's per-row
         # adapter selection installs hooks for the length of a forward, so forwards must not overlap.
         self._run_lock = threading.RLock()
+        self._solvers = ConfigSolvers(self.config)  # decoding's and scoring's alpha solvers
         self._decoder: Decoder = self._new_decoder()
 
     def _new_decoder(self) -> Decoder:
@@ -185,7 +186,7 @@ class FusionEngine:
         batching = self.config.batching
         return ContinuousBatcher(
             lambda: self.models,
-            ConfigSolvers(self.config),
+            self._solvers,
             self._run_lock,
             batching.window_ms / 1000,
             batching.max_rows,
@@ -391,8 +392,9 @@ class FusionEngine:
         tokenizes them, then the continuation's ids, tokenized ALONE by the large model's
         tokenizer without special tokens (a leading space stays in the continuation: " Paris"),
         which are the ids decoding emitted only when its text re-tokenizes to them; a list of
-        ids (each below the models' common vocabulary size) is read as given. Each prompt is fitted by `fit_to_window`
-        with its continuation's length free (cut from the left under `truncate_prompt`). Every
+        ids (each below the models' common vocabulary size) is read as given. Each prompt is
+        fitted by `fit_to_window` with its continuation's length free (cut from the left under
+        `truncate_prompt`). Every
         position is fused by `fusion_step` under decoding's solver for `experts` (one list for
         every row; None: all) and `mode`; `mode="none"` or `experts=[]` scores the large model
         alone. An empty continuation, or one the window cannot hold, raises RequestError naming
@@ -409,7 +411,7 @@ class FusionEngine:
         chosen = [] if mode == "none" else expert_list(experts, self.expert_names)
         truncate = self.config.generation.truncate_prompt
         tokens = self.scoring_prompts(batch, chosen, targets, truncate)
-        solver = ConfigSolvers(self.config)(mode, chosen) if chosen else None
+        solver = self._solvers(mode, chosen) if chosen else None
         with self._run_lock:  # the models are shared with decoding
             return score_rows(models, tokens, targets, chosen, solver)
 

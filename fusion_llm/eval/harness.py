@@ -26,7 +26,13 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..core.errors import RequestError
 from ..engine import FusionEngine, FusionPrompt
+
+# lm-eval's generation keywords the engine honours (`do_sample` false: greedy)
+GENERATION_KEYWORDS = frozenset(
+    {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "seed"}
+)
 
 
 @register_model("fusion-llm")
@@ -110,13 +116,21 @@ def _args(requests) -> list[tuple]:
 
 
 def _generation_settings(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's generation keywords as `GenerationSpec` overrides."""
+    """lm-eval's generation keywords as `GenerationSpec` overrides; one the engine cannot honour
+    is refused (a task must not silently run with other settings than it asked for)."""
+    unknown = sorted(set(gen_kwargs) - GENERATION_KEYWORDS)
+    if unknown:
+        msg = (
+            f"generate_until: generation keyword(s) {', '.join(unknown)} are not supported by "
+            f"fusion-llm; supported: {', '.join(sorted(GENERATION_KEYWORDS))}"
+        )
+        raise RequestError(msg)
     until = gen_kwargs.get("until") or []
     settings: dict[str, Any] = {"stop": [until] if isinstance(until, str) else list(until)}
     if "max_gen_toks" in gen_kwargs:
         settings["max_new_tokens"] = int(gen_kwargs["max_gen_toks"])
     if gen_kwargs.get("do_sample"):
-        for key in ("temperature", "top_k", "top_p"):
+        for key in ("temperature", "top_k", "top_p", "seed"):
             if key in gen_kwargs:
                 settings[key] = gen_kwargs[key]
     else:

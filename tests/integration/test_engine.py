@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 from peft import PeftModel
+from reference_decoder import fused_step_without_cache
 from transformers import AutoModelForCausalLM
 
 from fusion_llm import FusionEngine, FusionPrompt
-from fusion_llm.core.fusion import fusion_step, make_solver
-from fusion_llm.runtime.models import BASE_ADAPTER
+from fusion_llm.core.fusion import make_solver
 from fusion_llm.tiny import family_config
 
 PROMPTS = ["the king of Rome", "question: what city is on the river Nile and who", "a"]
@@ -26,26 +26,7 @@ def recompute_without_cache(engine, prompt: FusionPrompt, experts, mode, steps):
     solver = make_solver(mode, torch.ones(len(experts)))
     tokens, alphas = [], []
     for _ in range(steps):
-
-        def last_logits(model, ids, **kw):
-            return model(torch.tensor([ids + tokens]), **kw).logits[:, -1]
-
-        large = last_logits(models.large.model, large_ids)
-        small = last_logits(models.small.model, small_ids, adapter_names=[BASE_ADAPTER])
-        expert = torch.stack(
-            [
-                last_logits(models.full_experts[e].model, small_ids)
-                if e in models.full_experts
-                else last_logits(
-                    models.small.model, small_ids, adapter_names=[models.lora_experts[e]]
-                )
-                for e in experts
-            ],
-            dim=1,
-        )
-        step = fusion_step(
-            large, small, expert, torch.ones(1, len(experts), dtype=torch.bool), solver
-        )
+        step = fused_step_without_cache(engine, large_ids, small_ids, experts, solver, tokens)
         tokens.append(int(step.logits.argmax(-1)))
         alphas.append(step.alpha[0].tolist())
     return tokens, alphas

@@ -13,12 +13,12 @@ from langchain_fusion_llm import FusedLLM as LangChainLLM
 from llama_index.core.base.llms.types import LogProb
 from llama_index.core.llms import ChatMessage
 from llama_index.llms.fusion_llm import FusedLLM as LlamaIndexLLM
+from reference_decoder import fused_step_without_cache
 
 from fusion_llm import FusionPrompt, RequestError
 from fusion_llm.backends.vllm.backend import _sampling_params
 from fusion_llm.core.config import MAX_LOGPROBS, GenerationSpec
-from fusion_llm.core.fusion import fusion_step, make_solver
-from fusion_llm.runtime.models import BASE_ADAPTER
+from fusion_llm.core.fusion import make_solver
 
 pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
 
@@ -33,27 +33,12 @@ def teacher_forced_logprobs(engine, prompt: str, experts, mode, tokens) -> torch
     large_ids = models.large.tokenizer(prompt)["input_ids"]
     small_ids = models.small.tokenizer(prompt)["input_ids"]
     solver = make_solver(mode, torch.ones(len(experts)))
-    steps = []
-    for n in range(len(tokens)):
-
-        def last_logits(model, ids, prefix=tokens[:n], **kw):
-            return model(torch.tensor([ids + prefix]), **kw).logits[:, -1]
-
-        large = last_logits(models.large.model, large_ids)
-        small = last_logits(models.small.model, small_ids, adapter_names=[BASE_ADAPTER])
-        expert = torch.stack(
-            [
-                last_logits(models.full_experts[e].model, small_ids)
-                if e in models.full_experts
-                else last_logits(
-                    models.small.model, small_ids, adapter_names=[models.lora_experts[e]]
-                )
-                for e in experts
-            ],
-            dim=1,
-        )
-        mask = torch.ones(1, len(experts), dtype=torch.bool)
-        steps.append(fusion_step(large, small, expert, mask, solver).logits[0].float())
+    steps = [
+        fused_step_without_cache(engine, large_ids, small_ids, experts, solver, tokens[:n])
+        .logits[0]
+        .float()
+        for n in range(len(tokens))
+    ]
     return torch.stack(steps).log_softmax(dim=-1)
 
 
