@@ -22,11 +22,17 @@ import torch
 
 from .backends.vllm.backend import VllmDecoder
 from .backends.vllm.launch import small_models
-from .core.config import FusionConfig, FusionMode, GenerationSpec
+from .core.config import (
+    FusionConfig,
+    FusionMode,
+    GenerationSpec,
+    structured_from_response_format,
+)
 from .core.errors import RequestError, UnknownExpertError, described
 from .core.text import IncrementalText
 from .runtime.batcher import ContinuousBatcher
 from .runtime.decoder import Decoder
+from .runtime.grammar import Grammar, GrammarCompiler
 from .runtime.models import LoadedModel, ModelSet, load_models
 from .runtime.request import DONE, PromptBatch, Request, TokenScores
 from .runtime.scoring import Score, score_rows
@@ -176,6 +182,7 @@ class FusionEngine:
         # adapter selection installs hooks for the length of a forward, so forwards must not overlap.
         self._run_lock = threading.RLock()
         self._solvers = ConfigSolvers(self.config)  # decoding's and scoring's alpha solvers
+        self._grammar_compiler: GrammarCompiler | None = None  # made with the first grammar
         self._decoder: Decoder = self._new_decoder()
 
     def _new_decoder(self) -> Decoder:
@@ -281,7 +288,7 @@ class FusionEngine:
     def _prepare(self, prompts, experts, mode, overrides) -> Request:
         """Validate and tokenize a request; raises typed errors before any decoding."""
         batch = _as_prompts(prompts, self.expert_names)
-        spec = self.config.generation.updated(**overrides)
+        spec = self.config.generation.updated(**_structured_overrides(overrides))
         mode = fusion_mode(mode, self.config.fusion.mode)
         routes = [
             [] if mode == "none" else e for e in row_experts(experts, len(batch), self.expert_names)
@@ -289,7 +296,18 @@ class FusionEngine:
         chosen = list(dict.fromkeys(e for names in routes for e in names))
         eos_ids = set() if spec.ignore_eos else _eos_ids(self.models.large)
         tokens = self._generation_prompts(batch, chosen, spec)
-        return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, routes)
+        grammar = self._grammar(spec)
+        return Request(tokens, chosen, mode if chosen else "none", spec, eos_ids, routes, grammar)
+
+    def _grammar(self, spec: GenerationSpec) -> Grammar | None:
+        """The request's grammar, compiled for the large tokenizer (None: unconstrained)."""
+        if spec.structured_outputs is None:
+            return None
+        if self._grammar_compiler is None:
+            models = self.models
+            self._grammar_compiler = GrammarCompiler(models.large.tokenizer, models.vocab_size)
+        stop_ids = _eos_ids(self.models.large)  # a complete grammar ends on EOS, ignore_eos or not
+        return self._grammar_compiler.compile(spec.structured_outputs, stop_ids)
 
     async def agenerate(
         self,
@@ -583,6 +601,20 @@ def _check_renderings(prompt: FusionPrompt, index: int, expert_names: Sequence[s
                 f"{err.start} ({err.reason}, e.g. a lone surrogate); send valid UTF-8 text"
             )
             raise RequestError(msg) from None
+
+
+def _structured_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Request keywords with OpenAI's `response_format` read as `structured_outputs`."""
+    if "response_format" not in overrides:
+        return overrides
+    overrides = dict(overrides)
+    structured = structured_from_response_format(overrides.pop("response_format"))
+    if structured is not None:
+        if overrides.get("structured_outputs") is not None:
+            msg = "give response_format or structured_outputs, not both"
+            raise RequestError(msg)
+        overrides["structured_outputs"] = structured
+    return overrides
 
 
 def _eos_ids(model: LoadedModel) -> set[int]:

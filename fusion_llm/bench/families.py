@@ -8,6 +8,7 @@ The tokenizer is a synthetic word-level vocabulary of the shape's size, so reali
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,18 +47,30 @@ SHAPES = {
 }
 
 
+# The last ids are single printable characters, so that grammars (JSON, regexes) can be spelled
+# in the synthetic vocabulary; prompts use the words only.
+CHARACTERS = [c for c in string.printable if not c.isspace()] + [" "]
+
+
 def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[str]:
     """Prompts of random words of the synthetic vocabulary, one per length."""
     gen = torch.Generator().manual_seed(seed)
+    words = vocab - len(CHARACTERS)
     return [
-        " ".join(f"w{int(t)}" for t in torch.randint(3, vocab, (n,), generator=gen))
+        " ".join(f"w{int(t)}" for t in torch.randint(3, words, (n,), generator=gen))
         for n in lengths
     ]
 
 
 def synthetic_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with ids 0..vocab-1: `<pad>`, `<s>`, `</s>`, then `w3`, `w4`, ..."""
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    """A word-level tokenizer with ids 0..vocab-1: `<pad>`, `<s>`, `</s>`, then `w3`, `w4`, ...,
+    then the `CHARACTERS`."""
+    first_character = vocab - len(CHARACTERS)
+    words = (
+        {"<pad>": 0, "<s>": 1, "</s>": 2}
+        | {f"w{i}": i for i in range(3, first_character)}
+        | {c: first_character + i for i, c in enumerate(CHARACTERS)}
+    )
     backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(

@@ -8,7 +8,9 @@ hits them alike; results are medians and ratios within this run. Sections:
     3. baselines: transformers `generate` of the large model, and a proxy-tuning-style loop;
     4. solver micro-benchmark on synthetic logits at real vocabulary sizes;
     5. 32 concurrent single-prompt calls (threads, asyncio) against the same calls in a row;
-    6. peak memory against weights + KV caches.
+    6. peak memory against weights + KV caches;
+    7. the cost of a JSON-schema grammar: the step with one against the same step without, b = 1
+       and 8 (the matcher's bitmask fill, the mask on the large and the fused rows, accepting).
 A step time is (T(n new tokens) - T(1 new token)) / (n - 1): prefill and setup cancel out.
 """
 
@@ -89,12 +91,14 @@ def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[
 
 # -- 1. engine step times ------------------------------------------------------------------------
 def engine_step(
-    engine: FusionEngine, prompts, experts, mode, new_tokens, device
+    engine: FusionEngine, prompts, experts, mode, new_tokens, device, **request
 ) -> Callable[[], float]:
+    """The per-step time of `generate` (`request`: further generation keywords)."""
+
     def run(n: int) -> float:
         return timed(
             lambda: engine.generate(
-                prompts, experts=experts, mode=mode, max_new_tokens=n, ignore_eos=True
+                prompts, experts=experts, mode=mode, max_new_tokens=n, ignore_eos=True, **request
             ),
             device,
         )
@@ -115,6 +119,41 @@ def step_variants(engine, prompts_for, batches, experts, new_tokens, device) -> 
                         engine, prompts, names, mode, new_tokens, device
                     )
     return variants
+
+
+# A JSON answer whose string never has to end: a random-weight row stays inside the grammar for
+# every measured step instead of completing early.
+GRAMMAR_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+}
+
+
+def grammar_variants(engine, prompts_for, batches, k, new_tokens, device) -> dict[str, Callable]:
+    """Dynamic fusion of k LoRA experts with and without a JSON-schema grammar, per batch."""
+    names = [f"lora{i}" for i in range(k)]
+    variants = {}
+    for batch in batches:
+        prompts = prompts_for(batch)
+        for label, request in (("free", {}), ("json", {"structured_outputs": {"json": GRAMMAR_SCHEMA}})):
+            variants[f"{label}|b{batch}"] = engine_step(
+                engine, prompts, names, "dynamic", new_tokens, device, **request
+            )
+    return variants
+
+
+def grammar_costs(step_ms: dict[str, float], batches) -> list[dict]:
+    """Per batch: the step with and without the grammar, and their ratio."""
+    return [
+        {
+            "batch": b,
+            "free ms": step_ms[f"free|b{b}"],
+            "json ms": step_ms[f"json|b{b}"],
+            "json / free": step_ms[f"json|b{b}"] / step_ms[f"free|b{b}"],
+        }
+        for b in batches
+    ]
 
 
 # -- 2. parts of a step --------------------------------------------------------------------------
@@ -502,6 +541,12 @@ def bench_shape(shape, sizes, settings: BenchSettings, root: str, log) -> dict:
         ).items()
     }
     log(f"{shape.name}: engine step times done")
+    grammar_batches = sorted({1, 8} & set(sizes["batch_sizes"])) or [b_min]
+    grammar_ms = interleaved(
+        grammar_variants(engine, prompts_for, grammar_batches, 1, new_tokens, device), repeats
+    )
+    out["grammar"] = grammar_costs({k: 1e3 * v for k, v in grammar_ms.items()}, grammar_batches)
+    log(f"{shape.name}: grammar cost done")
     out["parts ms"] = {}
     for batch in sorted({b_min, b_max}):
         for kind in ("full", "lora"):
@@ -626,6 +671,8 @@ def markdown(results: dict) -> str:
         ]
         lines += ["", "### Engine step time (ms)", "", "| variant | ms/step |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in shape["step ms"].items()]
+        lines += ["", "### A JSON-schema grammar (dynamic, k=1 LoRA, ms/step)", ""]
+        lines += [_table(shape["grammar"])]
         for title, key in (
             ("Parts of a step (ms, measured alone)", "parts ms"),
             ("Baselines (ms/step)", "baselines ms"),

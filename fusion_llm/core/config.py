@@ -161,6 +161,80 @@ class FusionSpec(_Spec):
         return self
 
 
+class StructuredOutputs(_Spec):
+    """A grammar every generated token must follow (vLLM's `structured_outputs` fields): exactly
+    one of `json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag`."""
+
+    json_schema: dict[str, Any] | str | None = Field(
+        None, alias="json", description="A JSON schema (object, or its JSON text)."
+    )
+    regex: str | None = Field(None, description="A regular expression the whole output matches.")
+    choice: list[str] | None = Field(None, description="The output is one of these strings.")
+    grammar: str | None = Field(None, description="An EBNF grammar (xgrammar's dialect).")
+    json_object: bool | None = Field(None, description="true: any JSON object.")
+    structural_tag: dict[str, Any] | str | None = Field(
+        None, description="An xgrammar structural tag (object, or its JSON text)."
+    )
+    disable_any_whitespace: bool = Field(
+        False, description="JSON without optional whitespace (compact separators)."
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        given = [name for name in STRUCTURED_KINDS if getattr(self, _KIND_FIELDS[name]) is not None]
+        if len(given) != 1:
+            msg = (
+                f"give exactly one of {', '.join(STRUCTURED_KINDS)}; got "
+                f"{', '.join(given) or 'none'}"
+            )
+            raise ValueError(msg)
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must list at least one string")
+        if self.json_object is False:
+            raise ValueError("json_object must be true when given")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of STRUCTURED_KINDS."""
+        return next(k for k in STRUCTURED_KINDS if getattr(self, _KIND_FIELDS[k]) is not None)
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, _KIND_FIELDS[self.kind])
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+_KIND_FIELDS = {k: "json_schema" if k == "json" else k for k in STRUCTURED_KINDS}
+
+
+def structured_from_response_format(response_format: Any) -> StructuredOutputs | None:
+    """OpenAI's `response_format` as a constraint: `{"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}}`, `{"type": "json_object"}`, `{"type": "structural_tag", ...}`
+    or `{"type": "text"}` (None: no constraint). Raises RequestError naming the field."""
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        msg = "response_format must be an object with a 'type' (json_schema, json_object or text)"
+        raise RequestError(msg)
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        body = response_format.get("json_schema")
+        schema = body.get("schema", body.get("json_schema")) if isinstance(body, dict) else None
+        if not isinstance(schema, (dict, str)):
+            msg = "response_format.json_schema.schema must be a JSON schema object"
+            raise RequestError(msg)
+        return StructuredOutputs(json=schema)
+    if kind == "structural_tag":
+        return StructuredOutputs(structural_tag=response_format)
+    msg = f"response_format.type must be json_schema, json_object, structural_tag or text, got {kind!r}"
+    raise RequestError(msg)
+
+
 class GenerationSpec(_Spec):
     """Decoding settings; every field can be overridden per request."""
 
@@ -189,6 +263,9 @@ class GenerationSpec(_Spec):
         description="Log-probabilities of each generated token under the fused distribution it "
         f"was sampled from (before temperature, top-k and top-p): None: off; k (0 <= k <= "
         f"{MAX_LOGPROBS}): the chosen token's and the k most likely tokens'.",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="A grammar the output follows (JSON schema, regex, choice, EBNF, tag)."
     )
 
     @field_validator("stop")

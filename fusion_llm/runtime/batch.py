@@ -1,7 +1,8 @@
 """DecodeBatch: the running rows and all their per-row state, aligned by position.
 
 One object holds, for every running row: who it is and what it has generated (`rows`), how it
-samples (`sampling`), and its KV caches (the large model's `large`, the small-model pool). Rows
+samples (`sampling`), the grammar it follows (`grammars`), and its KV caches (the large model's
+`large`, the small-model pool). Rows
 join only by `extend` and leave only by `filter`, which every part follows at once, so position b
 means the same row in each of them.
 """
@@ -16,6 +17,7 @@ import torch
 from ..core.config import GenerationSpec
 from ..core.fusion import AlphaSolver, FusedStep
 from .cache import BatchCache
+from .grammar import GrammarRows
 from .models import ModelSet
 from .pool import SmallPool
 from .request import Ticket
@@ -45,10 +47,16 @@ class DecodeBatch:
     """See the module docstring."""
 
     def __init__(
-        self, rows: list[DecodeRow], sampling: SamplingBatch, large: BatchCache, pool: SmallPool
+        self,
+        rows: list[DecodeRow],
+        sampling: SamplingBatch,
+        grammars: GrammarRows,
+        large: BatchCache,
+        pool: SmallPool,
     ):
         self.rows = rows
         self.sampling = sampling
+        self.grammars = grammars
         self.large = large
         self.pool = pool
 
@@ -61,7 +69,8 @@ class DecodeBatch:
         pool = SmallPool(models)
         pool.prefill(prompts)
         sampling = SamplingBatch.of([r.spec for r in rows], [r.ticket.seeds[r.index] for r in rows])
-        return cls(rows, sampling, large, pool)
+        grammars = GrammarRows.of([r.ticket.request.grammar for r in rows], models.vocab_size)
+        return cls(rows, sampling, grammars, large, pool)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,9 +85,14 @@ class DecodeBatch:
         return list(dict.fromkeys(e for r in self.rows for e in r.experts))
 
     def fuse(self, solver_for: Callable[[str, list[str]], AlphaSolver | None]) -> FusedStep:
-        """The fused logits of every row from the models' last logits (alpha over `columns`)."""
-        return fuse_rows(
-            self.large.last_logits,
+        """The fused logits of every row from the models' last logits (alpha over `columns`);
+        a constrained row's grammar masks its large row before fusion and its fused row after."""
+        large = self.large.last_logits
+        mask = self.grammars.mask()
+        if mask is not None:
+            large = mask.apply(large.clone())  # the cache keeps the model's own logits
+        fused = fuse_rows(
+            large,
             self.pool,
             self.ids,
             [r.experts for r in self.rows],
@@ -86,6 +100,9 @@ class DecodeBatch:
             self.columns,
             solver_for,
         )
+        if mask is not None:
+            fused = fused._replace(logits=mask.apply(fused.logits))
+        return fused
 
     def step(self, tokens: Tensor) -> None:
         """Every model reads each row's token (`tokens` [B])."""
@@ -96,6 +113,7 @@ class DecodeBatch:
         """Keep only the rows at `positions`, in that order."""
         rows = [self.rows[i] for i in positions]
         self.sampling.filter(positions)
+        self.grammars.filter(positions)
         self.large.filter(positions)
         self.pool.keep_rows({r.id for r in rows})
         self.rows = rows  # last: if a cache raised, `rows` still names every row it held
@@ -104,5 +122,6 @@ class DecodeBatch:
         """Append `other`'s rows."""
         self.rows += other.rows
         self.sampling.extend(other.sampling)
+        self.grammars.extend(other.grammars)
         self.large.extend(other.large)
         self.pool.extend(other.pool)

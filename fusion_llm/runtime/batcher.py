@@ -30,7 +30,7 @@ import torch
 
 from ..core.fusion import AlphaSolver
 from .batch import DecodeBatch, DecodeRow
-from .decoder import SHUTDOWN, row_fault, stop_at_exit, typed_fault
+from .decoder import SHUTDOWN, grammar_fault, row_fault, stop_at_exit, typed_fault
 from .models import ModelSet
 from .request import Request, RowEvent, Submission, Ticket, TokenScores
 from .rows import RowId
@@ -210,17 +210,19 @@ class ContinuousBatcher:
         `read[b]`: row b's token, fallback and fault flags, then alpha over the batch's columns;
         `scores[b]`: row b's log-probabilities, when it reports them."""
         rows, columns = self._batch.rows, self._batch.columns
-        stops = self._stopped([int(r[0]) for r in read])
+        tokens = [int(r[0]) for r in read]
+        stops = self._stopped(tokens)
+        allowed = self._batch.grammars.accept(tokens)
         events: dict[int, tuple[Ticket, list[RowEvent]]] = {}  # by ticket id
         finished: set[int] = set()
         for b, (row, (token, fallback, fault, *alpha)) in enumerate(zip(rows, read, strict=True)):
             ticket, token = row.ticket, int(token)
-            if fault:
-                ticket.submission.fail(row_fault())
+            if fault or not allowed[b]:
+                ticket.submission.fail(row_fault() if fault else grammar_fault(token))
                 finished.add(b)
                 continue
             row.tokens.append(token)
-            reason = _finish_reason(row, token, stops[b])
+            reason = _finish_reason(row, token, stops[b], self._batch.grammars.terminated(b))
             if reason is not None:
                 finished.add(b)
             if len(row.tokens) <= ticket.delivered[row.index]:
@@ -301,10 +303,11 @@ def _scores(step: StepLogprobs | None, sampling: SamplingBatch) -> dict[int, Tok
     }
 
 
-def _finish_reason(row: DecodeRow, token: int, stopped: bool) -> str | None:
+def _finish_reason(row: DecodeRow, token: int, stopped: bool, completed: bool) -> str | None:
+    """Why the row ends with `token` (None: it goes on); `completed`: its grammar has ended."""
     if token in row.ticket.request.eos_ids:
         return "eos"
-    if stopped:
+    if stopped or completed:
         return "stop"
     if len(row.tokens) >= row.spec.max_new_tokens:
         return "length"

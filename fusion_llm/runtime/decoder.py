@@ -79,6 +79,15 @@ def row_fault() -> NumericalFaultError:
     )
 
 
+def grammar_fault(token: int) -> DecoderFaultError:
+    """What a caller receives when a constrained row sampled a token its grammar rejects (the
+    mask makes this impossible unless the row had no allowed token left)."""
+    return DecoderFaultError(
+        f"token {token} broke the request's grammar (structured_outputs): the row had no allowed "
+        "token; the engine is ready for the next call"
+    )
+
+
 def typed_fault(fault: BaseException) -> FusionError:
     """What a caller receives for an exception raised while its rows were decoded."""
     if isinstance(fault, FusionError):

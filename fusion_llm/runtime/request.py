@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import GenerationSpec
 from ..core.errors import FusionError
+from .grammar import Grammar
 from .rows import RowId, RowPrompt
 from .sampler import row_seeds
 
@@ -38,6 +39,7 @@ class Request:
     spec: GenerationSpec
     eos_ids: set[int]
     row_experts: list[list[str]]  # each row's experts (a subset of `experts`)
+    grammar: Grammar | None = None  # `spec.structured_outputs`, compiled: every row follows it
 
     @property
     def rows(self) -> int:
@@ -75,7 +77,9 @@ class Request:
                 {name: ids[rows] for name, ids in self.tokens.experts.items() if name in used},
             )
             experts = [e for e in self.experts if e in used]
-            part = Request(tokens, experts, self.mode, self.spec, self.eos_ids, row_experts)
+            part = Request(
+                tokens, experts, self.mode, self.spec, self.eos_ids, row_experts, self.grammar
+            )
             pieces.append((start, part))
         return pieces
 

@@ -4,8 +4,8 @@ A `SamplingBatch` holds every row's settings as tensors [B] (temperature, top-k,
 rows join and filtered / extended with the running rows, and each sampled row's own generator.
 `sample` runs one step for the whole batch:
     1. greedy: argmax for every row; a batch without sampled rows stops here;
-    2. the sampled rows alone, in float32 (per-row logits processors, masks and biases, apply
-       here, before any scaling; none exist yet);
+    2. the sampled rows alone, in float32 (a grammar's mask is already in the fused logits:
+       `DecodeBatch.fuse` applies it before and after fusion);
     3. temperature: z / T per row;
     4. top-k, then top-p, on one ascending sort: top-k keeps the k largest logits (ties at the k-th
        stay), top-p the smallest set of most likely tokens whose mass is >= p (never empty);
@@ -13,7 +13,8 @@ rows join and filtered / extended with the running rows, and each sampled row's 
     6. draw: each sampled row from its probabilities with its own generator, seeded once per row
        (`row_seeds`), so a seed reproduces its row whatever else shares the batch.
 `token_logprobs` then reads, for the rows that ask (`GenerationSpec.logprobs`), the distribution
-a token was drawn from, defined as the fused distribution after step 2 and before steps 3-4:
+a token was drawn from, defined as the fused distribution after constraints (step 2) and before
+steps 3-4:
     log p(v) = log_softmax(z_fused)[v]    (float32, z_fused: the fused logits [B, V])
 the chosen token's and the k most likely tokens' (k: the largest any row asks; each row keeps
 its own). Temperature, top-k and top-p shape the draw, not the reported distribution, so a

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fusion_llm.core.fusion import AlphaSolver, FusedStep, fusion_step
@@ -11,15 +13,24 @@ from fusion_llm.runtime.models import BASE_ADAPTER
 
 @torch.no_grad()
 def fused_step_without_cache(
-    engine, large_ids: list[int], small_ids: list[int], experts, solver: AlphaSolver, tokens
+    engine,
+    large_ids: list[int],
+    small_ids: list[int],
+    experts,
+    solver: AlphaSolver,
+    tokens,
+    large_filter: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FusedStep:
-    """The fused step after `large_ids` / `small_ids` followed by the generated `tokens`."""
+    """The fused step after `large_ids` / `small_ids` followed by the generated `tokens`;
+    `large_filter` (e.g. a grammar's mask) is applied to the large model's logits first."""
     models = engine.models
 
     def last_logits(model, ids, **kw):
         return model(torch.tensor([ids + list(tokens)]), **kw).logits[:, -1]
 
     large = last_logits(models.large.model, large_ids)
+    if large_filter is not None:
+        large = large_filter(large)
     small = last_logits(models.small.model, small_ids, adapter_names=[BASE_ADAPTER])
     expert = torch.stack(
         [

@@ -25,6 +25,8 @@ def test_bench_runs_every_section_and_writes_json_and_markdown(tmp_path, capsys)
         "hf generate (large alone)", "proxy-tuning loop", "engine none", "engine static", "engine dynamic",
     }  # fmt: skip
     assert toy["memory"]["weights MB"] > 0 and toy["memory"]["kv MB"] > 0
+    assert [r["batch"] for r in toy["grammar"]] == [1]  # of 1 and 8, the batches measured
+    assert toy["grammar"][0]["json ms"] > 0 and toy["grammar"][0]["json / free"] > 0
     assert any(k.startswith("5. proxy loop") for k in toy["targets"])
     assert toy["concurrency"]["identical outputs"] is True and toy["concurrency"]["calls"] == 32
     assert toy["scheduling"]["sampled outputs equal their alone-outputs"] is True

@@ -26,7 +26,8 @@ def test_the_markdown_target_table_has_a_met_column():
     shape = {
         "vocab": 10, "prompt_tokens": 2, "new_tokens": 2,
         "targets": {"1. a (lora|k1)": _against(1.0, "<= 1.1"), "6. b": _against(2.0, ">= 4")},
-        "step ms": {}, "parts ms": {}, "baselines ms": {}, "concurrency": {}, "memory": {},
+        "step ms": {}, "grammar": [], "parts ms": {}, "baselines ms": {}, "concurrency": {},
+        "memory": {},
     }  # fmt: skip
     text = markdown({"settings": {}, "solver": [], "shapes": {"toy": shape}})
     assert "| target | bound | measured | met |" in text
