@@ -15,8 +15,11 @@ The LangChain cache key (`_identifying_params` + call keywords) sees levels 1 an
 combine a cache with metadata- or tag-routing.
 
 Call keywords: the routing ones above, `max_tokens` (alias `max_new_tokens`), `temperature`,
-`top_k`, `top_p`, `seed`, `mode`, `stop` (a bare string is one stop string), `logprobs` and
-`top_logprobs`; any other keyword is refused with a typed `RequestError` (a typo must not silently
+`top_k`, `top_p`, `seed`, `mode`, `stop` (a bare string is one stop string), `logprobs`,
+`top_logprobs`, and a grammar the output follows: `structured_outputs` (the engine's: `{"json":
+schema}`, `{"regex": ...}`, `{"choice": [...]}`, `{"grammar": ...}`, `{"json_object": True}`,
+`{"structural_tag": ...}`) or OpenAI's `response_format`; the chat model adds `tools` and
+`tool_choice`. Any other keyword is refused with a typed `RequestError` (a typo must not silently
 fall back to a default).
 
 Log-probabilities (`logprobs=True`, `top_logprobs=k`, as fields, bound or passed) come in OpenAI's
@@ -48,6 +51,8 @@ from fusion_llm.routing.router import Route, Source, choose_route
 PROVIDER = "fusion_llm"
 # Bound by `with_structured_output`: LangChain formats it for tracing in its own per-call path.
 STRUCTURED_OUTPUT_KEYWORD = "ls_structured_output_format"
+# Call keywords handed to the engine as they are: the grammar the output follows.
+CONSTRAINT_KEYWORDS = ("structured_outputs", "response_format")
 
 
 class FusionLanguageModel(AdapterFields):
@@ -274,3 +279,8 @@ class FusionLanguageModel(AdapterFields):
 def logprobs_info(entries: list[TokenLogprob] | None) -> dict[str, Any]:
     """`{"logprobs": <OpenAI's shape>}` when the call asked for log-probabilities, else {}."""
     return {} if entries is None else {"logprobs": openai_logprobs(entries)}
+
+
+def constraint_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's grammar keywords (CONSTRAINT_KEYWORDS) that are set, for the engine to check."""
+    return {key: kwargs[key] for key in CONSTRAINT_KEYWORDS if kwargs.get(key) is not None}

@@ -28,17 +28,20 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
+from fusion_llm.core.errors import RequestError
 from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.routing.chat import (
     NO_TOOL_TEMPLATE,
+    TOOL_CALL_TRIGGER,
     chat_message,
     non_text_content,
     parse_tool_calls,
+    tool_call_constraint,
 )
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .base import FusionLanguageModel, logprobs_info
+from .base import FusionLanguageModel, constraint_keywords, logprobs_info
 from .structured import RoutedBinding, structured_output
 
 # Content blocks of an AI message that restate its `tool_calls` (rendered from those).
@@ -59,7 +62,9 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         default=False, description="Stream tokens to callbacks during `invoke` as well."
     )
 
-    extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools",)
+    extra_call_keywords: ClassVar[tuple[str, ...]] = (
+        "tools", "tool_choice", "structured_outputs", "response_format",
+    )  # fmt: skip
 
     @property
     def _llm_type(self) -> str:
@@ -96,7 +101,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        if kwargs.get("tools"):  # tool calls are parsed from the whole reply: one chunk
+        if _parses_tool_calls(kwargs):  # tool calls are parsed from the whole reply: one chunk
             chunk = self._whole_reply_chunk(messages, stop, run_manager, kwargs)
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -120,7 +125,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         sync_manager = run_manager.get_sync() if run_manager else None
-        if kwargs.get("tools"):  # tool calls are parsed from the whole reply: one chunk
+        if _parses_tool_calls(kwargs):  # tool calls are parsed from the whole reply: one chunk
             chunk = await asyncio.to_thread(
                 self._whole_reply_chunk, messages, stop, sync_manager, kwargs
             )
@@ -154,30 +159,66 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
 
     # -- tools and structured output -------------------------------------------------------
     def bind_tools(
-        self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Offer tools through the chat template; the model decides whether to call one.
+        """Offer tools through the chat template; `tool_choice` is enforced by constrained decoding.
+
+        `tool_choice`: None / "auto" (the model decides; when the template writes `<tool_call>`
+        blocks, a block it opens must be a valid call), "any" / "required" / True (at least one
+        call of a bound tool), a tool name or `{"type": "function", "function": {"name": ...}}`
+        (one call of that tool), "none" (no calls parsed). Arguments follow each tool's schema;
+        `strict=True` converts the schemas as OpenAI's strict mode (`additionalProperties`
+        false, every field required). See `fusion_llm.routing.chat.tool_call_constraint`.
 
         Tool calls are parsed from the reply (`<tool_call>` JSON blocks, or a reply that is one
-        JSON call). Raises NotImplementedError when the large model's chat template has no tools.
+        JSON call). Raises NotImplementedError when the large model's chat template has no tools,
+        RequestError (a ValueError) when `tool_choice` names no bound tool.
         """
+        return self.bind(
+            **self.tool_keywords(tools, tool_choice=tool_choice, strict=strict, **kwargs)
+        )
+
+    def tool_keywords(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The call keywords `bind_tools` binds (checked now: a bad `tool_choice` fails here)."""
         if not self.client.supports_tools():
             raise NotImplementedError(NO_TOOL_TEMPLATE)
-        if tool_choice not in (None, "auto"):
-            msg = f"tool_choice={tool_choice!r} cannot be enforced on generated text; use None or 'auto'"
-            raise NotImplementedError(msg)
-        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+        openai_tools = [convert_to_openai_tool(t, strict=strict) for t in tools]
+        tool_call_constraint(openai_tools, tool_choice, self._writes_call_blocks())
+        choice = {} if tool_choice is None else {"tool_choice": tool_choice}
+        return {"tools": openai_tools, **choice, **kwargs}
 
     def with_structured_output(
-        self, schema: Any, *, include_raw: bool = False, **kwargs: Any
+        self,
+        schema: Any = None,
+        *,
+        method: str = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
     ) -> Runnable[LanguageModelInput, Any]:
-        """Answer as JSON matching `schema` (pydantic class, TypedDict or JSON schema), validated.
+        """Answer as `schema` (pydantic class, TypedDict or JSON schema), generated under it.
 
-        The schema is given to the model in a system message; the reply is parsed and validated
-        (a pydantic class yields an instance, anything else a dict). `method` and `strict` are
-        accepted for compatibility; generation itself is not constrained.
+        `method`: "json_schema" (default: the reply is constrained to the schema),
+        "json_mode" (any JSON object) or "function_calling" (one forced call of a tool built
+        from the schema). A pydantic class yields an instance, anything else a dict;
+        `include_raw=True` yields `{"raw", "parsed", "parsing_error"}`. See
+        `langchain_fusion_llm.structured`.
         """
-        return structured_output(self, schema, include_raw)
+        return structured_output(
+            self, schema, method=method, include_raw=include_raw, strict=strict, **kwargs
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def _generate_rows(
@@ -190,7 +231,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
     ) -> list[ChatResult | Exception]:
         """Route each row with its own run manager; one engine batch per expert set."""
         tools = kwargs.get("tools")
-        overrides = self.engine_keywords(kwargs, self.max_tokens, stop, self.client.chat_stops())
+        overrides = self._call_overrides(kwargs, stop)
         routed = self._routed_rows(
             lambda messages: self._prompt(messages, tools),
             message_lists,
@@ -200,7 +241,9 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
             return_exceptions,
         )
         return [
-            r if isinstance(r, Exception) else _result(r, self.model_name, bool(tools))
+            r
+            if isinstance(r, Exception)
+            else _result(r, self.model_name, _parses_tool_calls(kwargs))
             for r in routed
         ]
 
@@ -220,9 +263,41 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
     def _start_stream(self, messages, stop, run_manager, kwargs):
-        overrides = self.engine_keywords(kwargs, self.max_tokens, stop, self.client.chat_stops())
+        overrides = self._call_overrides(kwargs, stop)
         route, source = self._route(kwargs, run_manager)
-        return self.client.stream(self._prompt(messages), route, source, **overrides)
+        prompt = self._prompt(messages, kwargs.get("tools"))
+        return self.client.stream(prompt, route, source, **overrides)
+
+    def _call_overrides(self, kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
+        """Engine keywords of one call: fields and call keywords, stop strings, and the grammar:
+        the caller's `structured_outputs` / `response_format`, or the tool choice's.
+
+        A grammar that shapes the whole reply (JSON, a forced call) ends it on EOS once complete,
+        so the text that closes the chat turn (e.g. a newline, which JSON may hold) stops it only
+        when the reply is free text.
+        """
+        given = constraint_keywords(kwargs)
+        tool_choice = kwargs.get("tool_choice")
+        tool_grammar = tool_call_constraint(
+            kwargs.get("tools") or [], tool_choice, self._writes_call_blocks()
+        )
+        shaped = bool(given) and given.get("response_format") != {"type": "text"}
+        if tool_grammar is not None and shaped:
+            msg = (
+                f"tool_choice={tool_choice!r} constrains the reply to tool calls; "
+                f"{' and '.join(given)} cannot constrain it too: pass tool_choice='none' or "
+                "no tools"
+            )
+            raise RequestError(msg)
+        forced = tool_grammar is not None and tool_choice not in (None, False, "auto")
+        turn_end = [] if shaped or forced else self.client.chat_stops()
+        overrides = self.engine_keywords(kwargs, self.max_tokens, stop, turn_end)
+        grammar = {"structured_outputs": tool_grammar} if tool_grammar else given
+        return {**overrides, **grammar}
+
+    def _writes_call_blocks(self) -> bool:
+        """Whether the large model's chat template writes tool calls as `<tool_call>` blocks."""
+        return TOOL_CALL_TRIGGER in (getattr(self.engine.tokenizer, "chat_template", None) or "")
 
     def _prompt(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> FusionPrompt:
         turns = [convert_message(m, i) for i, m in enumerate(messages)]
@@ -279,6 +354,11 @@ def message_text(message: BaseMessage, index: int) -> str:
         elif not (isinstance(message, AIMessage) and kind in TOOL_CALL_BLOCKS):
             raise non_text_content(str(kind or "untyped"), index, message.type)
     return "".join(parts)
+
+
+def _parses_tool_calls(kwargs: dict[str, Any]) -> bool:
+    """Whether a call's reply is read for tool calls: tools bound and tool_choice not "none"."""
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
 
 
 def _result(routed: RoutedGeneration, model_name: str, parse_tools: bool) -> ChatResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -19,7 +19,7 @@ from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .base import FusionLanguageModel, logprobs_info
+from .base import CONSTRAINT_KEYWORDS, FusionLanguageModel, constraint_keywords, logprobs_info
 
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
@@ -35,7 +35,12 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
     engine batch, routed by that call's run. `batch` routes each input by its own config and
     sends all inputs of one expert set to ONE engine call; each input gets its own result or
     error. See `langchain_fusion_llm.base` for the routing precedence.
+
+    `llm.invoke(prompt, structured_outputs={"json": schema})` (or `response_format=...`)
+    generates under that grammar.
     """
+
+    extra_call_keywords: ClassVar[tuple[str, ...]] = CONSTRAINT_KEYWORDS
 
     @property
     def _llm_type(self) -> str:
@@ -116,8 +121,16 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
     # -- helpers ---------------------------------------------------------------------------
     def _start_stream(self, prompt, stop, run_manager, kwargs):
         route, source = self._route(kwargs, run_manager)
-        overrides = self.engine_keywords(kwargs, self.max_tokens, stop)
+        overrides = self._call_overrides(kwargs, stop)
         return self.client.stream(prompt, route, source, **overrides)
+
+    def _call_overrides(self, kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
+        """Engine keywords of one call, its grammar (`structured_outputs` / `response_format`)
+        included."""
+        return {
+            **self.engine_keywords(kwargs, self.max_tokens, stop),
+            **constraint_keywords(kwargs),
+        }
 
     def _generate_rows(
         self,
@@ -128,7 +141,7 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
         return_exceptions: bool = False,
     ) -> list[LLMResult | Exception]:
         """One single-prompt result (or error) per row; one engine batch per expert set."""
-        overrides = self.engine_keywords(kwargs, self.max_tokens, stop)
+        overrides = self._call_overrides(kwargs, stop)
         routed = self._routed_rows(
             lambda prompt: prompt, prompts, run_managers, overrides, kwargs, return_exceptions
         )

@@ -320,8 +320,6 @@ def test_bound_tools_are_rendered_by_the_chat_template(tool_chat: ChatFusedLLM) 
     assert isinstance(with_tools.tool_calls, list)
     (chunk,) = list(tool_chat.bind_tools([add]).stream("the city"))
     assert chunk.chunk_position == "last" and chunk.content == with_tools.content
-    with pytest.raises(NotImplementedError, match="tool_choice"):
-        tool_chat.bind_tools([add], tool_choice="any")
 
 
 def test_without_a_chat_template_messages_become_role_lines(plain_config: str) -> None:

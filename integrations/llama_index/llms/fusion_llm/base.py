@@ -10,15 +10,32 @@ Routing for one call (first present wins, see `fusion_llm.routing.router`):
     3. the `route` field: "all" (default), "none", "auto", "examples" or task names.
 
 Call keywords: the routing ones above, `max_new_tokens` (alias `max_tokens`), `temperature`,
-`top_k`, `top_p`, `seed`, `mode`, `stop` (a bare string is one stop string), `logprobs` and
-`top_logprobs`; any other keyword is refused with a typed `RequestError`. Chat replies stop at the
-end of the assistant turn.
+`top_k`, `top_p`, `seed`, `mode`, `stop` (a bare string is one stop string), `logprobs`,
+`top_logprobs`, a grammar the output follows (`structured_outputs` or `response_format`, below)
+and, for chat, `tools` and `tool_choice` (below); any other keyword is refused with a typed
+`RequestError`. Chat replies stop at the end of the assistant turn (or where a grammar that shapes
+the whole reply ends).
 
 Log-probabilities (`logprobs=True`, `top_logprobs=k`, as fields or call keywords) fill
 `CompletionResponse.logprobs` / `ChatResponse.logprobs`: per generated token, its k most likely
 alternatives as `LogProb`s (OpenAI's `top_logprobs`, as LlamaIndex's OpenAI LLM reports them; the
 distribution is the fused one before temperature, top-k and top-p); a streamed response carries
 those of its delta's tokens.
+
+Constrained decoding (see `fusion_llm.runtime.grammar`): `structured_outputs` (`{"json":
+schema}`, `{"regex": ...}`, `{"choice": [...]}`, `{"grammar": ...}`, `{"json_object": True}`,
+`{"structural_tag": ...}`) or OpenAI's `response_format`. `structured_predict`,
+`stream_structured_predict`, their async twins and `as_structured_llm(cls)` constrain the reply by
+the output class's JSON schema (see `structured.py`), so it parses whatever the weights.
+
+Function calling (when the large model's chat template renders tools: `metadata.
+is_function_calling_model`): `chat_with_tools` and its streaming / async twins offer LlamaIndex
+tools through the chat template; `tool_required=True` or `tool_choice` (a tool's name, "required",
+"none", "auto") is enforced by the tool-call grammar, so a forced call is always a valid call of
+an offered tool. Calls are read from the reply (`<tool_call>` blocks, or one JSON call) into
+`ToolCallBlock`s; `get_tool_calls_from_response` returns them as `ToolSelection`s. A reply that
+may call tools streams as one chunk (calls are read from the whole reply). LlamaIndex's
+`FunctionAgent` runs on it.
 
 For RAG, let LlamaIndex count tokens as the model does: `Settings.tokenizer = llm.engine.tokenizer.encode`.
 """
@@ -27,9 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import llama_index.core.instrumentation as instrument
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -42,25 +60,56 @@ from llama_index.core.base.llms.types import (
     LogProb,
     MessageRole,
     TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.instrumentation.dispatcher import active_instrument_tags
+from llama_index.core.instrumentation.events.llm import (
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictStartEvent,
+)
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDING_SIZE
 from pydantic import BaseModel, Field
 
 from fusion_llm import FusionPrompt
+from fusion_llm.core.errors import RequestError
 from fusion_llm.engine import StreamChunk, TokenLogprob
-from fusion_llm.routing.chat import chat_message, no_messages, non_text_content
-from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread, openai_logprobs
+from fusion_llm.routing.chat import (
+    NO_TOOL_TEMPLATE,
+    TOOL_CALL_TRIGGER,
+    chat_message,
+    no_messages,
+    non_text_content,
+    parse_tool_calls,
+    tool_call_constraint,
+)
+from fusion_llm.routing.client import (
+    FusionClient,
+    RoutedGeneration,
+    iterate_in_thread,
+    openai_logprobs,
+)
 from fusion_llm.routing.fields import AdapterFields, token_limit_field
 from fusion_llm.routing.router import Route, RoutingDecision, Source, choose_route
 
+from .structured import structured_program
+
+if TYPE_CHECKING:
+    from llama_index.core.tools import BaseTool
+
+dispatcher = instrument.get_dispatcher(__name__)
+
+# Call keywords handed to the engine as they are: the grammar the output follows.
+CONSTRAINT_KEYWORDS = ("structured_outputs", "response_format")
+NO_CONSTRAINT = {"type": "text"}  # OpenAI's response_format for free text
 QA_TEMPLATE_TOKENS = 128  # LlamaIndex's default QA / refine templates, generously counted
 
 
-class FusedLLM(AdapterFields, CustomLLM):
+class FusedLLM(AdapterFields, FunctionCallingLLM):
     """A large language model decoded with small task experts by dynamic logit fusion.
 
     >>> llm = FusedLLM(config_path="fusion.yaml")
@@ -73,6 +122,9 @@ class FusedLLM(AdapterFields, CustomLLM):
         description="Context window reported to LlamaIndex (None: the engine's, less the chat "
         "template's).",
     )
+
+    # What `_prepare_chat_with_tools` passes to `chat`, and a grammar of the caller's own.
+    extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", *CONSTRAINT_KEYWORDS)
 
     @classmethod
     def class_name(cls) -> str:
@@ -107,6 +159,7 @@ class FusedLLM(AdapterFields, CustomLLM):
             context_window=window,
             num_output=num_output,
             is_chat_model=engine.has_chat_template(),
+            is_function_calling_model=client.supports_tools(),
             model_name=engine.config.large.path,
         )
 
@@ -154,24 +207,31 @@ class FusedLLM(AdapterFields, CustomLLM):
     # -- chat (each model's chat template) ---------------------------------------------------
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _chat_response(self._complete(self._chat_prompt(messages), kwargs, chat=True))
+        prompt = self._chat_prompt(messages, kwargs)
+        return _chat_response(self._complete(prompt, kwargs, chat=True), _parses_tool_calls(kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        decision, pieces = self._start_stream(self._chat_prompt(messages), kwargs, chat=True)
+        prompt = self._chat_prompt(messages, kwargs)
+        if _parses_tool_calls(kwargs):  # tool calls are read from the whole reply: one chunk
+            return _one(_whole_reply(self._complete(prompt, kwargs, chat=True)))
+        decision, pieces = self._start_stream(prompt, kwargs, chat=True)
         return (_chat_response(c) for c in _completions(decision, pieces))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        prompt = self._chat_prompt(messages)
+        prompt = self._chat_prompt(messages, kwargs)
         completion = await asyncio.to_thread(self._complete, prompt, kwargs, True)
-        return _chat_response(completion)
+        return _chat_response(completion, _parses_tool_calls(kwargs))
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        prompt = self._chat_prompt(messages)
+        prompt = self._chat_prompt(messages, kwargs)
+        if _parses_tool_calls(kwargs):  # tool calls are read from the whole reply: one chunk
+            completion = await asyncio.to_thread(self._complete, prompt, kwargs, True)
+            return _aone(_whole_reply(completion))
         decision, pieces = await asyncio.to_thread(self._start_stream, prompt, kwargs, True)
 
         async def responses() -> ChatResponseAsyncGen:
@@ -182,17 +242,143 @@ class FusedLLM(AdapterFields, CustomLLM):
 
         return responses()
 
+    # -- function calling ----------------------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`chat` keywords offering `tools` (their OpenAI definitions) with the tool choice.
+
+        `tool_choice` (a tool's name, OpenAI's `{"type": "function", "function": {"name": ...}}`,
+        "required", "none" or "auto") wins over `tool_required` (True: "required"); the grammar
+        enforces it (`fusion_llm.routing.chat.tool_call_constraint`). Without tools: a plain chat.
+        """
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        if not tools:
+            return {"messages": messages, **kwargs}
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+        return {"messages": messages, "tools": specs, "tool_choice": tool_choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Without parallel calls, the first call only (as LlamaIndex's OpenAI LLM does)."""
+        blocks = response.message.blocks
+        calls = [b for b in blocks if isinstance(b, ToolCallBlock)]
+        if not allow_parallel_tool_calls and len(calls) > 1:
+            extra = {id(b) for b in calls[1:]}
+            response.message.blocks = [b for b in blocks if id(b) not in extra]
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The reply's tool calls; raises ValueError when there is none and `error_on_no_tool_call`."""
+        calls = [
+            ToolSelection(
+                tool_id=block.tool_call_id or "",
+                tool_name=block.tool_name,
+                tool_kwargs=block.tool_kwargs,
+            )
+            for block in response.message.blocks
+            if isinstance(block, ToolCallBlock)
+        ]
+        if not calls and error_on_no_tool_call:
+            msg = f"expected a tool call, but the reply has none: {response.message.content!r}"
+            raise ValueError(msg)
+        return calls
+
+    # -- structured output: the output class's JSON schema is the grammar (structured.py) -----
+    @dispatcher.span
+    def structured_predict(
+        self,
+        output_cls: type[BaseModel],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> BaseModel:
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
+            )
+        )
+        program, call_kwargs = structured_program(self, output_cls, prompt, llm_kwargs)
+        result = program(llm_kwargs=call_kwargs, **prompt_args)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    @dispatcher.span
+    async def astructured_predict(
+        self,
+        output_cls: type[BaseModel],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> BaseModel:
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(
+                output_cls=output_cls, template=prompt, template_args=prompt_args
+            )
+        )
+        program, call_kwargs = structured_program(self, output_cls, prompt, llm_kwargs)
+        result = await program.acall(llm_kwargs=call_kwargs, **prompt_args)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    # LlamaIndex's `stream_structured_predict` / `astream_structured_predict` (partial objects,
+    # with their events) get their stream from these two.
+    def _structured_stream_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Iterator[Any]:
+        program, call_kwargs = structured_program(self, output_cls, prompt, llm_kwargs)
+        return program.stream_call(llm_kwargs=call_kwargs, **prompt_args)
+
+    async def _structured_astream_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncIterator[Any]:
+        program, call_kwargs = structured_program(self, output_cls, prompt, llm_kwargs)
+        return await program.astream_call(llm_kwargs=call_kwargs, **prompt_args)
+
     # -- the one request path shared by sync, streaming and async calls ----------------------
     def _text_prompt(self, prompt: str, formatted: bool) -> FusionPrompt:
         return FusionPrompt(prompt if formatted else self.completion_to_prompt(prompt))
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> FusionPrompt:
+    def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> FusionPrompt:
+        """The chat template over the messages and the offered tools (`tools`, OpenAI's shape)."""
         if not messages:
             raise no_messages()
-        turns = [chat_message(_role(m), _text(m, i)) for i, m in enumerate(messages)]
+        tools = kwargs.get("tools")
+        if tools and not self.client.supports_tools():
+            raise RequestError(NO_TOOL_TEMPLATE)
+        turns = [_turn(m, i) for i, m in enumerate(messages)]
         if not self.client.engine.has_chat_template():
             return FusionPrompt(self.messages_to_prompt(messages))
-        return self.client.chat_prompt(turns)
+        return self.client.chat_prompt(turns, tools)
 
     def _complete(
         self, prompt: FusionPrompt, kwargs: dict[str, Any], chat: bool = False
@@ -215,19 +401,79 @@ class FusedLLM(AdapterFields, CustomLLM):
         return choose_route(kwargs, active_instrument_tags.get(), None, self.route)
 
     def _engine_keywords(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
-        """A chat reply also stops at the end of the assistant turn."""
-        chat_stops = self.client.chat_stops() if chat else []
-        return self.engine_keywords(kwargs, self.max_new_tokens, chat_stops)
+        """Fields and call keywords, and the call's grammar (`_grammar`). A chat reply also stops
+        at the end of the assistant turn, unless a grammar shapes all of it: that grammar ends
+        the reply, and the turn's end text (a newline in some templates) may occur inside it."""
+        grammar = self._grammar(kwargs, chat)
+        free_text = not grammar or (
+            bool(kwargs.get("tools")) and kwargs.get("tool_choice") in (None, "auto")
+        )
+        chat_stops = self.client.chat_stops() if chat and free_text else []
+        return {**self.engine_keywords(kwargs, self.max_new_tokens, chat_stops), **grammar}
+
+    def _grammar(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """The engine's grammar keywords: `structured_outputs` / `response_format` as given, or
+        the tool choice's grammar over the offered tools (`tool_call_constraint`)."""
+        given = {
+            key: kwargs[key]
+            for key in CONSTRAINT_KEYWORDS
+            if kwargs.get(key) is not None and kwargs[key] != NO_CONSTRAINT
+        }
+        tools, choice = kwargs.get("tools") or [], kwargs.get("tool_choice")
+        if not tools and choice is None:
+            return given
+        if not chat:
+            raise RequestError(
+                "tools and tool_choice are chat keywords; use chat or chat_with_tools"
+            )
+        grammar = tool_call_constraint(list(tools), choice, _writes_call_blocks(self.client))
+        if grammar is None:
+            return given
+        if given:
+            msg = (
+                f"tool_choice={choice!r} constrains the reply to tool calls; "
+                f"{' and '.join(given)} cannot constrain it too: pass tool_choice='none' or no tools"
+            )
+            raise RequestError(msg)
+        return {"structured_outputs": grammar}
+
+
+def _writes_call_blocks(client: FusionClient) -> bool:
+    """Whether the large model's chat template writes tool calls as `<tool_call>` blocks."""
+    return TOOL_CALL_TRIGGER in (getattr(client.engine.tokenizer, "chat_template", None) or "")
+
+
+def _parses_tool_calls(kwargs: dict[str, Any]) -> bool:
+    """Whether a chat call's reply may hold tool calls (tools offered, tool_choice not "none")."""
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
 
 
 def _role(message: ChatMessage) -> str:
     return message.role.value if isinstance(message.role, MessageRole) else str(message.role)
 
 
+def _turn(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A LlamaIndex message as a chat-template message, with its tool calls (`ToolCallBlock`s)
+    and, for a tool's reply, the id of the call it answers (`additional_kwargs["tool_call_id"]`)."""
+    role = _role(message)
+    calls = [
+        {
+            "type": "function",
+            "id": block.tool_call_id,
+            "function": {"name": block.tool_name, "arguments": block.tool_kwargs},
+        }
+        for block in message.blocks
+        if isinstance(block, ToolCallBlock)
+    ]
+    answers = message.additional_kwargs.get("tool_call_id") if role == "tool" else None
+    return chat_message(role, _text(message, index), tool_calls=calls or None, tool_call_id=answers)
+
+
 def _text(message: ChatMessage, index: int) -> str:
-    """The text of a message; text blocks are joined, any other block is refused (RequestError)."""
+    """The text of a message; text blocks are joined, tool calls are kept apart (see `_turn`),
+    any other block is refused (RequestError)."""
     for block in message.blocks:
-        if not isinstance(block, TextBlock):
+        if not isinstance(block, (TextBlock, ToolCallBlock)):
             kind = getattr(block, "block_type", type(block).__name__)
             raise non_text_content(str(kind), index, _role(message))
     return message.content or ""
@@ -268,8 +514,30 @@ def _completions(decision: RoutingDecision, pieces: Iterator[StreamChunk]) -> Co
         pieces.close()
 
 
-def _chat_response(completion: CompletionResponse) -> ChatResponse:
-    message = ChatMessage(role=MessageRole.ASSISTANT, content=completion.text)
+def _chat_response(completion: CompletionResponse, reads_calls: bool = False) -> ChatResponse:
+    """The assistant's reply; with `reads_calls`, its tool calls become `ToolCallBlock`s after
+    the remaining text (`parse_tool_calls`: `<tool_call>` blocks, else one JSON call)."""
+    text, calls = parse_tool_calls(completion.text) if reads_calls else (completion.text, [])
+    blocks: list[TextBlock | ToolCallBlock] = [TextBlock(text=text)] if text or not calls else []
+    blocks += [
+        ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["args"])
+        for c in calls
+    ]
+    message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
     return ChatResponse(
         message=message, delta=completion.delta, raw=completion.raw, logprobs=completion.logprobs
     )
+
+
+def _whole_reply(completion: CompletionResponse) -> ChatResponse:
+    """A reply that may call tools, as the one chunk of its stream (its text is the delta)."""
+    response = _chat_response(completion, reads_calls=True)
+    return response.model_copy(update={"delta": response.message.content or ""})
+
+
+def _one(response: ChatResponse) -> ChatResponseGen:
+    yield response
+
+
+async def _aone(response: ChatResponse) -> ChatResponseAsyncGen:
+    yield response
