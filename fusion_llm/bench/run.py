@@ -136,7 +136,10 @@ def grammar_variants(engine, prompts_for, batches, k, new_tokens, device) -> dic
     variants = {}
     for batch in batches:
         prompts = prompts_for(batch)
-        for label, request in (("free", {}), ("json", {"structured_outputs": {"json": GRAMMAR_SCHEMA}})):
+        for label, request in (
+            ("free", {}),
+            ("json", {"structured_outputs": {"json": GRAMMAR_SCHEMA}}),
+        ):
             variants[f"{label}|b{batch}"] = engine_step(
                 engine, prompts, names, "dynamic", new_tokens, device, **request
             )

@@ -3,8 +3,8 @@
 Both adapters turn their framework's messages into `chat_message(role, content)` dicts, which the
 engine renders with each model's chat template; `end_of_turn` finds the text that closes an
 assistant turn (a chat reply stops there); `parse_tool_calls` reads tool calls back out of a
-reply and `tool_call_constraint` is the grammar that makes a reply follow a `tool_choice`. No
-framework is imported here.
+reply (`parses_tool_calls`: whether a call's reply is read for them) and `tool_call_constraint` is
+the grammar that makes a reply follow a `tool_choice`. No framework is imported here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ..core.errors import RequestError
@@ -100,6 +100,11 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     if not calls and (call := _tool_call(text)) is not None:
         return "", [call]
     return kept.strip() if calls else text, calls
+
+
+def parses_tool_calls(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a chat call's reply is read for tool calls: tools offered, tool_choice not "none"."""
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
 
 
 def _tool_call(candidate: str) -> dict[str, Any] | None:

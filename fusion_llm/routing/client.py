@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from ..core.config import FusionConfig
 from ..core.errors import RequestError
 from ..engine import FusionEngine, FusionPrompt, Generation, StreamChunk, TokenLogprob
-from .chat import NO_TOOL_TEMPLATE, end_of_turn, no_messages
+from .chat import NO_TOOL_TEMPLATE, TOOL_CALL_TRIGGER, end_of_turn, no_messages
 from .compose import WeightComposer
 from .router import Route, RoutingDecision, Source, TaskRouter
 
@@ -195,8 +195,15 @@ class FusionClient:
 
     def supports_tools(self) -> bool:
         """Whether the large model's chat template renders tool definitions."""
-        template = getattr(self.engine.tokenizer, "chat_template", None) or ""
-        return "tools" in template
+        return "tools" in self._chat_template()
+
+    def writes_tool_call_blocks(self) -> bool:
+        """Whether the large model's chat template writes tool calls as `<tool_call>` blocks."""
+        return TOOL_CALL_TRIGGER in self._chat_template()
+
+    def _chat_template(self) -> str:
+        """The large model's chat template source ("" without one)."""
+        return getattr(self.engine.tokenizer, "chat_template", None) or ""
 
     def generate(
         self,

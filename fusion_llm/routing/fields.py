@@ -7,8 +7,9 @@ adds only its ecosystem's own fields: the token limit under its ecosystem's name
 
 The mixin also keeps the adapter's `FusionClient`, built once per instance in `__init__` (LangChain's
 `configurable_fields` and LlamaIndex's unpickling construct through `__init__`, so a copy built
-that way gets its own), and turns a call's keywords into engine keywords. No framework is imported
-here.
+that way gets its own), and turns a call's keywords into engine keywords (`engine_keywords`; a chat
+call's, with its tool choice's grammar and its turn's end: `chat_keywords`). No framework is
+imported here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, fi
 from ..core.config import MAX_LOGPROBS, FusionConfig
 from ..core.errors import ConfigError, RequestError
 from ..engine import FusionEngine
+from .chat import tool_call_constraint
 from .client import FusionClient, shared_engine, stop_strings
 from .router import CALL_KEYWORDS, Route
 
@@ -32,9 +34,13 @@ if TYPE_CHECKING:
 SAMPLING_KEYWORDS = ("mode", "temperature", "top_k", "top_p", "seed")
 TOKEN_LIMIT_NAMES = ("max_tokens", "max_new_tokens")  # LangChain's name, LlamaIndex's name
 LOGPROB_KEYWORDS = ("logprobs", "top_logprobs")  # OpenAI's names, as both frameworks use them
+# The grammar the output follows, handed to the engine as given: the engine's and OpenAI's name.
+CONSTRAINT_KEYWORDS = ("structured_outputs", "response_format")
+NO_CONSTRAINT = {"type": "text"}  # OpenAI's response_format for free text
 # Call keywords every adapter takes; a typo of one is refused with a hint.
 CALL_KEYWORD_NAMES = (
-    *CALL_KEYWORDS, *SAMPLING_KEYWORDS, *TOKEN_LIMIT_NAMES, *LOGPROB_KEYWORDS, "stop",
+    *CALL_KEYWORDS, *SAMPLING_KEYWORDS, *TOKEN_LIMIT_NAMES, *LOGPROB_KEYWORDS,
+    *CONSTRAINT_KEYWORDS, "stop",
 )  # fmt: skip
 
 
@@ -173,7 +179,8 @@ class AdapterFields(BaseModel):
     def engine_keywords(
         self, kwargs: Mapping[str, Any], max_new_tokens: int | None, *stops: Any
     ) -> dict[str, Any]:
-        """Engine keywords of one call: the fields, overridden by the call's keywords.
+        """Engine keywords of one call: the fields, overridden by the call's keywords, and the
+        call's grammar (`structured_outputs` / `response_format`, as given: the engine checks it).
 
         `max_new_tokens`: the adapter's token-limit field (a call's `max_tokens` or
         `max_new_tokens` overrides it). `stops`: further stop strings (a call's `stop`
@@ -187,8 +194,41 @@ class AdapterFields(BaseModel):
             "max_new_tokens": next((n for n in limits if n is not None), max_new_tokens),
             "stop": stop_strings(self.stop, kwargs.get("stop"), *stops),
             "logprobs": self._logprobs(kwargs),
+            **{key: kwargs.get(key) for key in CONSTRAINT_KEYWORDS},
         }
         return {k: v for k, v in params.items() if v is not None}
+
+    def chat_keywords(
+        self, kwargs: Mapping[str, Any], max_new_tokens: int | None, *stops: Any
+    ) -> dict[str, Any]:
+        """Engine keywords of one chat call (`engine_keywords`), with its grammar and turn's end.
+
+        The grammar: the call's `structured_outputs` / `response_format`, or the tool choice's
+        over the offered `tools` (`tool_call_constraint`); a RequestError when both constrain.
+        A grammar that shapes the whole reply (JSON, a forced call) ends it on EOS once complete,
+        so the text that closes the chat turn (e.g. a newline, which JSON may hold) stops the
+        reply only when it is free text (no grammar given, no call forced).
+        """
+        tool_choice = kwargs.get("tool_choice")
+        tool_grammar = tool_call_constraint(
+            list(kwargs.get("tools") or []), tool_choice, self.client.writes_tool_call_blocks()
+        )
+        given = [
+            key
+            for key in CONSTRAINT_KEYWORDS
+            if kwargs.get(key) is not None and kwargs[key] != NO_CONSTRAINT
+        ]
+        if tool_grammar is not None and given:
+            msg = (
+                f"tool_choice={tool_choice!r} constrains the reply to tool calls; "
+                f"{' and '.join(given)} cannot constrain it too: pass tool_choice='none' or "
+                "no tools"
+            )
+            raise RequestError(msg)
+        forced = tool_grammar is not None and tool_choice not in (None, False, "auto")
+        turn_end = [] if given or forced else self.client.chat_stops()
+        keywords = self.engine_keywords(kwargs, max_new_tokens, *stops, turn_end)
+        return keywords | ({"structured_outputs": tool_grammar} if tool_grammar else {})
 
     def _logprobs(self, kwargs: Mapping[str, Any]) -> int | None:
         """The engine's `logprobs` (alternatives per token; None: off) from OpenAI's pair:

@@ -42,7 +42,9 @@ class Grammar:
     stop_ids: tuple[int, ...]  # empty: the tokenizer's EOS
 
     def matcher(self) -> xgrammar.GrammarMatcher:
-        return xgrammar.GrammarMatcher(self.compiled, override_stop_tokens=list(self.stop_ids) or None)
+        return xgrammar.GrammarMatcher(
+            self.compiled, override_stop_tokens=list(self.stop_ids) or None
+        )
 
 
 class GrammarCompiler:
@@ -90,6 +92,16 @@ class GrammarCompiler:
             return self._compiler.compile_grammar(value)
         tag = value if isinstance(value, str) else json.dumps(value)
         return self._compiler.compile_structural_tag(tag)
+
+
+def compact_json_grammar(structured: StructuredOutputs) -> str:
+    """The EBNF of a `json` / `json_object` constraint with `disable_any_whitespace`: JSON with
+    compact separators and no optional whitespace (for engines that take whitespace settings
+    per server, not per request, such as vLLM)."""
+    schema = {"type": "object"} if structured.kind == "json_object" else structured.value
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    grammar = xgrammar.Grammar.from_json_schema(text, any_whitespace=False, separators=(",", ":"))
+    return str(grammar)
 
 
 def choice_grammar(choices: Sequence[str]) -> str:

@@ -51,8 +51,6 @@ from fusion_llm.routing.router import Route, Source, choose_route
 PROVIDER = "fusion_llm"
 # Bound by `with_structured_output`: LangChain formats it for tracing in its own per-call path.
 STRUCTURED_OUTPUT_KEYWORD = "ls_structured_output_format"
-# Call keywords handed to the engine as they are: the grammar the output follows.
-CONSTRAINT_KEYWORDS = ("structured_outputs", "response_format")
 
 
 class FusionLanguageModel(AdapterFields):
@@ -279,8 +277,3 @@ class FusionLanguageModel(AdapterFields):
 def logprobs_info(entries: list[TokenLogprob] | None) -> dict[str, Any]:
     """`{"logprobs": <OpenAI's shape>}` when the call asked for log-probabilities, else {}."""
     return {} if entries is None else {"logprobs": openai_logprobs(entries)}
-
-
-def constraint_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's grammar keywords (CONSTRAINT_KEYWORDS) that are set, for the engine to check."""
-    return {key: kwargs[key] for key in CONSTRAINT_KEYWORDS if kwargs.get(key) is not None}

@@ -28,20 +28,19 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
-from fusion_llm.core.errors import RequestError
 from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.routing.chat import (
     NO_TOOL_TEMPLATE,
-    TOOL_CALL_TRIGGER,
     chat_message,
     non_text_content,
     parse_tool_calls,
+    parses_tool_calls,
     tool_call_constraint,
 )
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .base import FusionLanguageModel, constraint_keywords, logprobs_info
+from .base import FusionLanguageModel, logprobs_info
 from .structured import RoutedBinding, structured_output
 
 # Content blocks of an AI message that restate its `tool_calls` (rendered from those).
@@ -62,9 +61,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         default=False, description="Stream tokens to callbacks during `invoke` as well."
     )
 
-    extra_call_keywords: ClassVar[tuple[str, ...]] = (
-        "tools", "tool_choice", "structured_outputs", "response_format",
-    )  # fmt: skip
+    extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools", "tool_choice")
 
     @property
     def _llm_type(self) -> str:
@@ -101,7 +98,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        if _parses_tool_calls(kwargs):  # tool calls are parsed from the whole reply: one chunk
+        if parses_tool_calls(kwargs):  # tool calls are parsed from the whole reply: one chunk
             chunk = self._whole_reply_chunk(messages, stop, run_manager, kwargs)
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -125,7 +122,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         sync_manager = run_manager.get_sync() if run_manager else None
-        if _parses_tool_calls(kwargs):  # tool calls are parsed from the whole reply: one chunk
+        if parses_tool_calls(kwargs):  # tool calls are parsed from the whole reply: one chunk
             chunk = await asyncio.to_thread(
                 self._whole_reply_chunk, messages, stop, sync_manager, kwargs
             )
@@ -195,7 +192,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         if not self.client.supports_tools():
             raise NotImplementedError(NO_TOOL_TEMPLATE)
         openai_tools = [convert_to_openai_tool(t, strict=strict) for t in tools]
-        tool_call_constraint(openai_tools, tool_choice, self._writes_call_blocks())
+        tool_call_constraint(openai_tools, tool_choice, self.client.writes_tool_call_blocks())
         choice = {} if tool_choice is None else {"tool_choice": tool_choice}
         return {"tools": openai_tools, **choice, **kwargs}
 
@@ -231,7 +228,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
     ) -> list[ChatResult | Exception]:
         """Route each row with its own run manager; one engine batch per expert set."""
         tools = kwargs.get("tools")
-        overrides = self._call_overrides(kwargs, stop)
+        overrides = self.chat_keywords(kwargs, self.max_tokens, stop)
         routed = self._routed_rows(
             lambda messages: self._prompt(messages, tools),
             message_lists,
@@ -243,7 +240,7 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         return [
             r
             if isinstance(r, Exception)
-            else _result(r, self.model_name, _parses_tool_calls(kwargs))
+            else _result(r, self.model_name, parses_tool_calls(kwargs))
             for r in routed
         ]
 
@@ -263,41 +260,10 @@ class ChatFusedLLM(FusionLanguageModel, BaseChatModel):
         return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
     def _start_stream(self, messages, stop, run_manager, kwargs):
-        overrides = self._call_overrides(kwargs, stop)
+        overrides = self.chat_keywords(kwargs, self.max_tokens, stop)
         route, source = self._route(kwargs, run_manager)
         prompt = self._prompt(messages, kwargs.get("tools"))
         return self.client.stream(prompt, route, source, **overrides)
-
-    def _call_overrides(self, kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
-        """Engine keywords of one call: fields and call keywords, stop strings, and the grammar:
-        the caller's `structured_outputs` / `response_format`, or the tool choice's.
-
-        A grammar that shapes the whole reply (JSON, a forced call) ends it on EOS once complete,
-        so the text that closes the chat turn (e.g. a newline, which JSON may hold) stops it only
-        when the reply is free text.
-        """
-        given = constraint_keywords(kwargs)
-        tool_choice = kwargs.get("tool_choice")
-        tool_grammar = tool_call_constraint(
-            kwargs.get("tools") or [], tool_choice, self._writes_call_blocks()
-        )
-        shaped = bool(given) and given.get("response_format") != {"type": "text"}
-        if tool_grammar is not None and shaped:
-            msg = (
-                f"tool_choice={tool_choice!r} constrains the reply to tool calls; "
-                f"{' and '.join(given)} cannot constrain it too: pass tool_choice='none' or "
-                "no tools"
-            )
-            raise RequestError(msg)
-        forced = tool_grammar is not None and tool_choice not in (None, False, "auto")
-        turn_end = [] if shaped or forced else self.client.chat_stops()
-        overrides = self.engine_keywords(kwargs, self.max_tokens, stop, turn_end)
-        grammar = {"structured_outputs": tool_grammar} if tool_grammar else given
-        return {**overrides, **grammar}
-
-    def _writes_call_blocks(self) -> bool:
-        """Whether the large model's chat template writes tool calls as `<tool_call>` blocks."""
-        return TOOL_CALL_TRIGGER in (getattr(self.engine.tokenizer, "chat_template", None) or "")
 
     def _prompt(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> FusionPrompt:
         turns = [convert_message(m, i) for i, m in enumerate(messages)]
@@ -354,11 +320,6 @@ def message_text(message: BaseMessage, index: int) -> str:
         elif not (isinstance(message, AIMessage) and kind in TOOL_CALL_BLOCKS):
             raise non_text_content(str(kind or "untyped"), index, message.type)
     return "".join(parts)
-
-
-def _parses_tool_calls(kwargs: dict[str, Any]) -> bool:
-    """Whether a call's reply is read for tool calls: tools bound and tool_choice not "none"."""
-    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
 
 
 def _result(routed: RoutedGeneration, model_name: str, parse_tools: bool) -> ChatResult:

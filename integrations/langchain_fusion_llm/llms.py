@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -19,7 +19,7 @@ from fusion_llm.engine import FusionPrompt, StreamChunk
 from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread
 from fusion_llm.routing.router import RoutingDecision
 
-from .base import CONSTRAINT_KEYWORDS, FusionLanguageModel, constraint_keywords, logprobs_info
+from .base import FusionLanguageModel, logprobs_info
 
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
@@ -39,8 +39,6 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
     `llm.invoke(prompt, structured_outputs={"json": schema})` (or `response_format=...`)
     generates under that grammar.
     """
-
-    extra_call_keywords: ClassVar[tuple[str, ...]] = CONSTRAINT_KEYWORDS
 
     @property
     def _llm_type(self) -> str:
@@ -121,16 +119,8 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
     # -- helpers ---------------------------------------------------------------------------
     def _start_stream(self, prompt, stop, run_manager, kwargs):
         route, source = self._route(kwargs, run_manager)
-        overrides = self._call_overrides(kwargs, stop)
+        overrides = self.engine_keywords(kwargs, self.max_tokens, stop)
         return self.client.stream(prompt, route, source, **overrides)
-
-    def _call_overrides(self, kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
-        """Engine keywords of one call, its grammar (`structured_outputs` / `response_format`)
-        included."""
-        return {
-            **self.engine_keywords(kwargs, self.max_tokens, stop),
-            **constraint_keywords(kwargs),
-        }
 
     def _generate_rows(
         self,
@@ -141,7 +131,7 @@ class FusedLLM(FusionLanguageModel, BaseLLM):
         return_exceptions: bool = False,
     ) -> list[LLMResult | Exception]:
         """One single-prompt result (or error) per row; one engine batch per expert set."""
-        overrides = self._call_overrides(kwargs, stop)
+        overrides = self.engine_keywords(kwargs, self.max_tokens, stop)
         routed = self._routed_rows(
             lambda prompt: prompt, prompts, run_managers, overrides, kwargs, return_exceptions
         )

@@ -16,12 +16,12 @@ import threading
 import pytest
 import torch
 import xgrammar
+from reference_decoder import fused_step_without_cache
 
 from fusion_llm import FusionEngine, RequestError
 from fusion_llm.core.fusion import make_solver
 from fusion_llm.runtime.grammar import choice_grammar
 from fusion_llm.tiny import family_config
-from reference_decoder import fused_step_without_cache
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,9 @@ def merging_engine(tiny_family) -> FusionEngine:
 def test_a_json_schema_with_a_finite_language_completes_as_valid_json(engine):
     structured = {"json": BOUNDED_SCHEMA, "disable_any_whitespace": True}
     for mode in ("none", "static", "dynamic"):
-        for g in engine.generate(PROMPTS, structured_outputs=structured, max_new_tokens=40, mode=mode):
+        for g in engine.generate(
+            PROMPTS, structured_outputs=structured, max_new_tokens=40, mode=mode
+        ):
             value = json.loads(g.text)
             assert set(value) == {"ok", "colour", "n"}
             assert isinstance(value["ok"], bool) and value["colour"] in {"red", "green", "blue"}
@@ -104,7 +106,9 @@ def test_a_structural_tag_constrains_the_tagged_part(engine):
             "end": "</call>",
         },
     }
-    for g in engine.generate(PROMPTS, structured_outputs={"structural_tag": tag}, max_new_tokens=60):
+    for g in engine.generate(
+        PROMPTS, structured_outputs={"structural_tag": tag}, max_new_tokens=60
+    ):
         assert g.text.startswith("<call>") and g.text.endswith("</call>"), g.text
         assert re.fullmatch("[0-9]{3}", g.text[len("<call>") : -len("</call>")]), g.text
 
@@ -112,7 +116,9 @@ def test_a_structural_tag_constrains_the_tagged_part(engine):
 def test_response_format_is_read_as_structured_outputs(engine):
     schema_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": BOUNDED_SCHEMA}}
     by_format = engine.generate(PROMPTS, response_format=schema_format, max_new_tokens=60)
-    by_field = engine.generate(PROMPTS, structured_outputs={"json": BOUNDED_SCHEMA}, max_new_tokens=60)
+    by_field = engine.generate(
+        PROMPTS, structured_outputs={"json": BOUNDED_SCHEMA}, max_new_tokens=60
+    )
     assert [g.token_ids for g in by_format] == [g.token_ids for g in by_field]
     for g in engine.generate(PROMPTS, response_format={"type": "json_object"}, max_new_tokens=8):
         assert g.text.lstrip().startswith("{")
@@ -135,7 +141,11 @@ def test_greedy_constrained_tokens_are_the_argmax_of_fusion_over_the_allowed_tok
     grammar's allowed tokens, fused by `fusion_step`, and the argmax taken."""
     experts, structured = ["lora_a", "full"], {"regex": r"[a-z ]{3,12}\."}
     generated = engine.generate(
-        "the king", structured_outputs=structured, experts=experts, mode="dynamic", max_new_tokens=14
+        "the king",
+        structured_outputs=structured,
+        experts=experts,
+        mode="dynamic",
+        max_new_tokens=14,
     )[0]
     matcher = xgrammar.GrammarMatcher(compiler(engine).compile_regex(structured["regex"]))
     solver = make_solver("dynamic", torch.ones(2), engine.config.fusion)
@@ -256,7 +266,9 @@ def test_a_rerun_after_a_shared_fault_rebuilds_each_rows_matcher(merging_engine)
             raised.append(True)
             raise RuntimeError("kernel failed")
 
-    handle = merging_engine.models.large.model.register_forward_pre_hook(fail_once, with_kwargs=True)
+    handle = merging_engine.models.large.model.register_forward_pre_hook(
+        fail_once, with_kwargs=True
+    )
     try:
         together = run_together(merging_engine, calls)
     finally:

@@ -16,8 +16,7 @@ from llama_index.llms.fusion_llm import FusedLLM as LlamaIndexLLM
 from reference_decoder import fused_step_without_cache
 
 from fusion_llm import FusionPrompt, RequestError
-from fusion_llm.backends.vllm.backend import _sampling_params
-from fusion_llm.core.config import MAX_LOGPROBS, GenerationSpec
+from fusion_llm.core.config import MAX_LOGPROBS
 from fusion_llm.core.fusion import make_solver
 
 pytest_plugins = ["tiny_family"]  # the session fixture `tiny_config`
@@ -133,12 +132,6 @@ def test_streamed_chunks_carry_the_entries_of_their_tokens(engine):
 def test_logprobs_out_of_bounds_is_a_request_error_naming_the_field(engine, k):
     with pytest.raises(RequestError, match="logprobs"):
         engine.generate(PROMPTS[0], logprobs=k)
-
-
-def test_the_vllm_backend_refuses_logprobs_with_a_request_error():
-    spec = GenerationSpec(logprobs=0)
-    with pytest.raises(RequestError, match="not supported on the vllm backend"):
-        _sampling_params(spec, None, set(), [], "none", "channel")
 
 
 def openai_entries(metadata: dict) -> list[dict]:

@@ -261,6 +261,88 @@ def test_openai_chat_streams_and_unknown_experts_get_400(server):
         client.completions.create(model="fusion", prompt=PROMPT, max_tokens=100_000)
 
 
+BOUNDED_JSON = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Rome", "Paris", "Oslo"]},
+        "n": {"type": "integer", "maximum": 9},
+    },
+    "required": ["city", "n"],
+    "additionalProperties": False,
+}
+GRAMMARS = [
+    {"choice": ["red", "green", "blue"]},
+    {"regex": r"[A-Z][a-z]{2,8}"},
+    {"json": BOUNDED_JSON, "disable_any_whitespace": True},
+]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_grammars_on_the_vllm_backend_give_the_hf_backends_tokens(hf_engine, vllm_engine, mode):
+    prompts = [q.prompt for q in load_task("trivia", "eval", 6)]
+    for structured in GRAMMARS:
+        settings = {"experts": ["trivia"], "mode": mode, "structured_outputs": structured}
+        expected = hf_engine.generate(prompts, stop=[], **settings)
+        got = vllm_engine.generate(prompts, stop=[], **settings)
+        assert [g.token_ids for g in got] == [g.token_ids for g in expected], structured
+        if "json" in structured:
+            assert all(json.loads(g.text)["city"] in {"Rome", "Paris", "Oslo"} for g in got)
+
+
+@pytest.mark.subprocess
+def test_constraints_on_the_server_keep_fusion(server, hf_engine):
+    """vLLM's constraints (a choice grammar, min_tokens, allowed_token_ids) are -inf in the large
+    row before the fusion processor: the fused distribution keeps them and stays fused. With
+    `static` (alpha fixed) the fused argmax over the allowed tokens is the unconstrained one
+    whenever that is allowed, so a choice between the fused answer and the large model's own
+    picks the fused one, and constraints every fused token satisfies change nothing."""
+    client = _client(server)
+    prompts = [q.prompt for q in load_task("trivia", "eval", 24)]
+    fused = hf_engine.generate(prompts, experts=["trivia"], mode="static")
+    large = hf_engine.generate(prompts, experts=[], mode="none")
+    xargs = {"vllm_xargs": {"experts": ["trivia"], "fusion_mode": "static"}}
+    chosen = 0
+    for prompt, f, g in zip(prompts, fused, large, strict=True):
+        if f.text.startswith(g.text) or g.text.startswith(f.text):
+            continue  # one answer is a prefix of the other: a choice cannot tell them apart
+        reply = client.completions.create(
+            model="fusion", prompt=prompt, max_tokens=48, temperature=0,
+            extra_body={**xargs, "structured_outputs": {"choice": [f.text, g.text]}},
+        )  # fmt: skip
+        assert reply.choices[0].text == f.text, prompt
+        chosen += 1
+    assert chosen >= 5, "too few prompts where fusion changes the answer"
+    eos = hf_engine.tokenizer.eos_token_id
+    used = sorted({t for g in fused[:8] for t in g.token_ids} | {eos})
+    for prompt, f in zip(prompts[:8], fused[:8], strict=True):
+        constraints = [{"allowed_token_ids": used}]
+        if len([t for t in f.token_ids if t != eos]) >= 2:  # EOS comes after 2 tokens anyway
+            constraints.append({"min_tokens": 2})
+        for constraint in constraints:
+            reply = client.completions.create(
+                model="fusion", prompt=prompt, max_tokens=48, temperature=0, stop=["\n"],
+                extra_body={**xargs, **constraint},
+            )  # fmt: skip
+            assert reply.choices[0].text == f.text, (prompt, constraint)
+
+
+@pytest.mark.subprocess
+def test_response_format_json_schema_on_a_fused_server_request_is_valid_json(server):
+    client = _client(server)
+    reply = client.chat.completions.create(
+        model="fusion",
+        messages=[{"role": "user", "content": "Where does Ada live?"}],
+        max_tokens=40,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "place", "schema": BOUNDED_JSON},
+        },
+        extra_body={"vllm_xargs": {"experts": ["trivia"], "fusion_mode": "dynamic"}},
+    )
+    assert json.loads(reply.choices[0].message.content)["city"] in {"Rome", "Paris", "Oslo"}
+
+
 @pytest.mark.subprocess
 def test_langchain_chat_openai_and_llama_index_openai_like_talk_to_the_server(server):
     from langchain_openai import ChatOpenAI

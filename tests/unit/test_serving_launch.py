@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from fusion_llm.backends.vllm.launch import (
     CPU_KV_CACHE_CAP_GIB,
     GIB,
     PROCESSOR,
+    PROCESSOR_V2,
+    check_hostable,
+    cpu_binding,
     cpu_kv_cache_bytes,
     engine_arguments,
     vllm_environment,
@@ -48,10 +52,10 @@ def large(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
-def _config(large: str = "/models/large", **vllm) -> FusionConfig:
+def _config(large: str = "/models/large", device: str = "auto", **vllm) -> FusionConfig:
     return FusionConfig.model_validate(
         {
-            "large": {"path": large},
+            "large": {"path": large, "device": device},
             "small": {"path": "/models/small"},
             "experts": [{"name": "math", "path": "/models/math"}],
             "vllm": vllm,
@@ -76,17 +80,49 @@ def test_engine_arguments_carry_the_processor_and_the_large_model(large):
     assert gpu["dtype"] == "auto" and gpu["enforce_eager"] is False
     assert gpu["tensor_parallel_size"] == 4 and gpu["kv_cache_memory_bytes"] == 2 * 2**30
     assert gpu["max_num_seqs"] == 64
+    # Model Runner V2 on GPUs: its processor, and vLLM chooses async scheduling
+    assert gpu["logits_processors"] == [PROCESSOR_V2] and gpu["async_scheduling"] is None
 
 
-def test_vllm_processes_get_the_config_and_the_v1_runner():
+def test_vllm_processes_get_the_config_and_the_runner_of_their_processor():
     config = _config()
-    environment = vllm_environment(config)
+    environment = vllm_environment(config, "cpu")
     assert FusionConfig.model_validate_json(environment[CONFIG_ENV]) == config
-    assert environment["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert environment["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # vLLM's CPU worker: the V1 runner
+    assert vllm_environment(config, "cuda")["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+
+def test_several_cpu_workers_each_get_a_disjoint_share_of_the_cpus(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment(_config(), "cpu")
+    if len(cpus) < 2:
+        with pytest.raises(ConfigError, match="at least one CPU each"):
+            vllm_environment(_config(tensor_parallel_size=2), "cpu")
+        return
+    binding = vllm_environment(_config(tensor_parallel_size=2), "cpu")["VLLM_CPU_OMP_THREADS_BIND"]
+    shares = [[int(c) for c in part.split(",")] for part in binding.split("|")]
+    assert len(shares) == 2 and not set(shares[0]) & set(shares[1])
+    assert set(shares[0]) | set(shares[1]) <= set(cpus) and len(shares[0]) == len(shares[1])
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment(
+        _config(tensor_parallel_size=2), "cuda"
+    )  # GPU workers bind nothing
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|0")  # the user's own binding is kept
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment(
+        _config(tensor_parallel_size=2), "cpu"
+    )
+    with pytest.raises(ConfigError, match="need at least one CPU each"):
+        cpu_binding(len(cpus) + 1)
+
+
+def test_speculative_decoding_is_refused_before_anything_loads():
+    config = _config(engine_args={"speculative_config": {"method": "ngram"}})
+    with pytest.raises(ConfigError, match="speculative_config"):
+        check_hostable(config)
 
 
 def test_server_command_spells_every_argument_as_a_vllm_flag(large):
-    config = _config(large, max_model_len=256)
+    config = _config(large, "cpu", max_model_len=256)
     argv = server_command(config, "127.0.0.1", 8123, "fusion", ["--x", "1"])
     assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     flags = argv[3:]
@@ -97,7 +133,9 @@ def test_server_command_spells_every_argument_as_a_vllm_flag(large):
     assert "--no-async-scheduling" in flags and "--enforce-eager" in flags
     assert "--revision" not in flags  # unset fields are left to vLLM
     assert flags[-2:] == ["--x", "1"]
-    dict_flag = server_command(_config(large, engine_args={"hf_overrides": {"a": 1}}), "h", 1, "m")
+    dict_flag = server_command(
+        _config(large, "cpu", engine_args={"hf_overrides": {"a": 1}}), "h", 1, "m"
+    )
     assert json.loads(dict_flag[dict_flag.index("--hf-overrides") + 1]) == {"a": 1}
 
 

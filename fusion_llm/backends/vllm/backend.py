@@ -9,6 +9,16 @@ this process (one device), so the fusion processor's trace (alpha, fallback, fau
 event through the row's channel; with several devices (tensor parallelism) the workers are
 processes and alpha reads as empty.
 
+Under tensor parallelism (`vllm.tensor_parallel_size` n > 1) each rank is a worker process
+holding 1/n of the large model's attention heads and MLP columns (and their KV cache). vLLM
+all-gathers the logits (`Platform.use_all_gather`, true on CPU and CUDA), so every rank's sampler
+sees the whole step, [rows, V], and runs every logits processor over all rows: each rank's fusion
+processor loads the small base and experts and runs them on every fused row, the same work on
+every rank (nothing is split), and each rank samples the same tokens (same logits, same seeds);
+the first rank's output is returned (`MultiprocExecutor._get_output_rank`). The row channels
+stay in this process, so there the small models read the large model's prompt ids (not a
+rendering of their own) and no alpha is recorded.
+
 Where this decoder differs from the batcher, vLLM forces it:
     - a fault in a shared step fails every request of the step: vLLM's scheduler and model runner
       hold the step's state, and a request cannot be replayed from a step alone;
@@ -22,23 +32,32 @@ Where this decoder differs from the batcher, vLLM forces it:
     - one thread, never idle-ended: vLLM's CPU attention checks the OpenMP thread count of the
       thread that built its metadata, so every step runs on the thread that started vLLM;
     - vLLM's scheduler batches and splits (`max_num_seqs`): `batching.window_ms` and
-      `batching.max_rows` apply to the batcher only.
+      `batching.max_rows` apply to the batcher only;
+    - log-probabilities (`logprobs=k`) are vLLM's `processed_logprobs` (`launch.engine_arguments`):
+      the batcher's fused ones (`runtime.sampler`) for greedy rows and rows sampled at
+      temperature 1 without top-k / top-p; other sampled rows report them after their
+      temperature (and, on vLLM's V1 runner, their top-k / top-p);
+    - a grammar (`structured_outputs`) is compiled and applied by vLLM's structured-output
+      manager (the same xgrammar, checked here first by the engine): vLLM masks the large row
+      before custom logits processors, and the fused row keeps the mask (`core.fusion`).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...core.config import FusionConfig, GenerationSpec
+from ...core.config import FusionConfig, GenerationSpec, StructuredOutputs
 from ...core.errors import DeviceError, FusionError, RequestError, described
 from ...runtime.decoder import SHUTDOWN, row_fault, stop_at_exit, typed_fault
+from ...runtime.grammar import compact_json_grammar
 from ...runtime.models import resolve_device
-from ...runtime.request import Request, RowEvent, Submission, Ticket
+from ...runtime.request import Request, RowEvent, Submission, Ticket, TokenScores
 from ...runtime.sampler import GREEDY_TEMPERATURE
 from .channel import CHANNEL_KEY, CHANNELS, CHANNELS_LOCK, UNFUSED, RowChannel
 from .launch import check_hostable, engine_arguments, vllm_environment
@@ -223,10 +242,12 @@ class VllmDecoder:
                 continue
             request = row.ticket.request
             batch = events.setdefault(row.ticket.id, (row.ticket, []))[1]
+            scores = _token_scores(completion.logprobs, len(tokens))
             for i, (token, step) in enumerate(zip(tokens, steps, strict=True)):
                 last = output.finished and i == len(tokens) - 1
                 reason = _finish_reason(completion, token, request.eos_ids) if last else None
-                batch.append(RowEvent(row.index, token, step.alpha, step.fallback, reason))
+                event = RowEvent(row.index, token, step.alpha, step.fallback, reason, scores[i])
+                batch.append(event)
             row.sent += len(tokens)
             if output.finished:
                 ended.append(output.request_id)
@@ -266,8 +287,6 @@ def _sampling_params(
     mode: str,
     channel: str,
 ):
-    if spec.logprobs is not None:
-        raise RequestError("logprobs are not supported on the vllm backend yet; use backend: hf")
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -281,9 +300,45 @@ def _sampling_params(
         stop=list(spec.stop),
         stop_token_ids=sorted(eos_ids),
         ignore_eos=spec.ignore_eos,
+        logprobs=spec.logprobs,
+        flat_logprobs=True,  # per token: the chosen entry, then the top-k in order (`_token_scores`)
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=_structured_outputs(spec.structured_outputs),
         extra_args={"experts": list(experts), "fusion_mode": mode, CHANNEL_KEY: channel},
     )
+
+
+def _structured_outputs(structured: StructuredOutputs | None):
+    """vLLM's form of the request's grammar: the same fields by the same names (vLLM masks the
+    large row with it before the fusion processor, which keeps the mask: `fusion_step`). vLLM's
+    xgrammar backend reads `disable_any_whitespace` from its server-wide settings only, so
+    compact JSON goes to it as the equivalent EBNF."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.kind in ("json", "json_object") and structured.disable_any_whitespace:
+        return StructuredOutputsParams(grammar=compact_json_grammar(structured))
+    fields = structured.model_dump(by_alias=True, exclude_none=True)
+    if isinstance(fields.get("structural_tag"), dict):  # vLLM takes the tag as JSON text
+        fields["structural_tag"] = json.dumps(fields["structural_tag"])
+    return StructuredOutputsParams(**fields)
+
+
+def _token_scores(logprobs, tokens: int) -> list[TokenScores | None]:
+    """The new tokens' `TokenScores` from vLLM's `FlatLogprobs` (None: the row did not ask).
+    Each position holds the chosen token's entry first, then the k most likely in rank order
+    (`vllm.logprobs.append_logprobs_for_next_position`; the chosen token may repeat among them)."""
+    if logprobs is None:
+        return [None] * tokens
+    values = logprobs.logprobs
+    return [
+        TokenScores(
+            values[start],
+            list(zip(logprobs.token_ids[start + 1 : end], values[start + 1 : end], strict=True)),
+        )
+        for start, end in zip(logprobs.start_indices, logprobs.end_indices, strict=True)
+    ]
 
 
 def _finish_reason(completion, token: int, eos_ids: set[int]) -> str:

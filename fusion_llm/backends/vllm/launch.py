@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from functools import cache
 from typing import Any
 
@@ -13,9 +14,11 @@ import torch
 
 from ...core.config import FusionConfig
 from ...core.errors import ConfigError
-from ...runtime.models import ModelSet, load_models
+from ...runtime.models import ModelSet, load_models, resolve_device
 
-PROCESSOR = "fusion_llm.backends.vllm.processor:FusionLogitsProcessor"
+# The fusion logits processor for each of vLLM's model runners (their interfaces differ).
+PROCESSOR = "fusion_llm.backends.vllm.processor:FusionLogitsProcessor"  # the V1 runner
+PROCESSOR_V2 = "fusion_llm.backends.vllm.processor_v2:FusionLogitsProcessorV2"  # Model Runner V2
 CONFIG_ENV = "FUSION_LLM_CONFIG"  # the fusion config (a path or its JSON) for vLLM's processes
 GIB = 2**30
 # The CPU default's ceiling: one machine's RAM is shared with other processes.
@@ -26,20 +29,74 @@ VLLM_CPU_BLOCK_SIZE = 128  # vLLM's tokens per KV page on CPU when block_size is
 logger = logging.getLogger(__name__)
 
 
-def vllm_environment(config: FusionConfig) -> dict[str, str]:
-    """Environment for vLLM's processes: the fusion config for the logits processor, and the V1
-    model runner, whose logits-processor interface the processor implements (CPU workers use it
-    anyway; GPU workers otherwise default to the V2 runner)."""
-    return {CONFIG_ENV: config.model_dump_json(), "VLLM_USE_V2_MODEL_RUNNER": "0"}
+def runs_model_runner_v2(device: str) -> bool:
+    """Whether vLLM runs the large model on `device` with Model Runner V2: on GPUs, where it is
+    vLLM's default; vLLM's CPU worker runs the V1 runner (V2 there needs Triton's CPU backend)."""
+    return device.split(":", 1)[0] != "cpu"
+
+
+def logits_processor(device: str) -> str:
+    """The fusion processor class for the model runner vLLM runs on `device`."""
+    return PROCESSOR_V2 if runs_model_runner_v2(device) else PROCESSOR
+
+
+def vllm_environment(config: FusionConfig, device: str | None = None) -> dict[str, str]:
+    """Environment for vLLM's processes: the fusion config for the logits processor, and the
+    model runner whose interface `logits_processor(device)` implements, pinned so that the two
+    always match (V2 on GPUs, vLLM's default there; V1 on a CPU). `device`: the large model's
+    (default: resolved from the config).
+
+    Several CPU workers (tensor x pipeline parallel) each get their share of this process's
+    CPUs (`VLLM_CPU_OMP_THREADS_BIND`, unless set): vLLM's own binding wants one NUMA node per
+    worker and refuses to start on a one-node machine."""
+    device = device or resolve_device(config.large)
+    v2 = runs_model_runner_v2(device)
+    environment = {
+        CONFIG_ENV: config.model_dump_json(),
+        "VLLM_USE_V2_MODEL_RUNNER": "1" if v2 else "0",
+    }
+    workers = config.vllm.tensor_parallel_size * config.vllm.pipeline_parallel_size
+    if not v2 and workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        environment["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(workers)
+    return environment
+
+
+def cpu_binding(workers: int) -> str:
+    """vLLM's `VLLM_CPU_OMP_THREADS_BIND` value giving each CPU worker an equal, disjoint share
+    of this process's CPUs ("0-3|4-7"); raises ConfigError when there are fewer CPUs than workers."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < workers:
+        msg = (
+            f"vllm: {workers} CPU workers (tensor x pipeline parallel) need at least one CPU each; "
+            f"this process may use {len(cpus)}"
+        )
+        raise ConfigError(msg)
+    share = len(cpus) // workers
+    parts = [cpus[i * share : (i + 1) * share] for i in range(workers)]
+    return "|".join(",".join(map(str, part)) for part in parts)
 
 
 def engine_arguments(config: FusionConfig, device: str) -> dict[str, Any]:
     """`vllm.EngineArgs` fields for the config's large model with the fusion processor.
 
-    Async scheduling is off: the processor feeds each step's sampled token to the small models,
-    so it must see that token before the next step's logits. On a CPU the KV cache is sized
-    here (`cpu_kv_cache_bytes`, logged) unless one is given, and a given one larger than the free
-    memory is refused (`ConfigError`); on GPUs vLLM sizes it from `gpu_memory_utilization`."""
+    The processor is `logits_processor(device)`. On a CPU async scheduling is off: the V1
+    processor feeds each step's sampled token to the small models, so it must see that token
+    before the next step's logits; on GPUs vLLM chooses (the V2 processor feeds the token the
+    large model reads in the same step, which async scheduling does not delay).
+
+    Returned log-probabilities are vLLM's `processed_logprobs`: log_softmax of the logits after
+    vLLM's constraints and every logits processor (the fused row), taken where vLLM's sampler
+    takes them: the V1 runner before temperature when every row of the step is greedy, else after
+    temperature and top-k / top-p (greedy rows there at temperature 1, unlimited); Model Runner
+    V2 after temperature, before top-k / top-p. So they are `runtime.sampler`'s fused
+    log-probabilities exactly for greedy rows and for rows sampled at temperature 1 without
+    top-k / top-p; other sampled rows report the fused distribution after their temperature
+    (on V1 also truncated by their top-k / top-p). (The `raw_*` modes would report the large
+    model's, before the processor.)
+
+    On a CPU the KV cache is sized here (`cpu_kv_cache_bytes`, logged) unless one is given, and
+    a given one larger than the free memory is refused (`ConfigError`); on GPUs vLLM sizes it
+    from `gpu_memory_utilization`."""
     large, spec = config.large, config.vllm
     arguments: dict[str, Any] = {
         "model": large.path,
@@ -50,8 +107,9 @@ def engine_arguments(config: FusionConfig, device: str) -> dict[str, Any]:
         "seed": 0,
         "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size,
-        "logits_processors": [PROCESSOR],
-        "async_scheduling": False,
+        "logits_processors": [logits_processor(device)],
+        "async_scheduling": None if runs_model_runner_v2(device) else False,
+        "logprobs_mode": "processed_logprobs",
         "enforce_eager": device == "cpu" if spec.enforce_eager is None else spec.enforce_eager,
     }
     if spec.distributed_executor_backend is not None:
@@ -161,6 +219,13 @@ def check_hostable(config: FusionConfig) -> None:
     """Load the small models (vocabularies checked against the large tokenizer; kept for the
     processor in this process) and refuse a tensor-parallel size the large model's heads cannot
     be split by."""
+    if "speculative_config" in config.vllm.engine_args:
+        msg = (
+            "vllm.engine_args.speculative_config: speculative decoding is not supported with "
+            "fusion (the small models would have to follow draft tokens that may be rejected); "
+            "remove it"
+        )
+        raise ConfigError(msg)
     small_models(config.model_dump_json())
     size = config.vllm.tensor_parallel_size
     if size > 1:

@@ -80,19 +80,13 @@ from fusion_llm.core.errors import RequestError
 from fusion_llm.engine import StreamChunk, TokenLogprob
 from fusion_llm.routing.chat import (
     NO_TOOL_TEMPLATE,
-    TOOL_CALL_TRIGGER,
     chat_message,
     no_messages,
     non_text_content,
     parse_tool_calls,
-    tool_call_constraint,
+    parses_tool_calls,
 )
-from fusion_llm.routing.client import (
-    FusionClient,
-    RoutedGeneration,
-    iterate_in_thread,
-    openai_logprobs,
-)
+from fusion_llm.routing.client import RoutedGeneration, iterate_in_thread, openai_logprobs
 from fusion_llm.routing.fields import AdapterFields, token_limit_field
 from fusion_llm.routing.router import Route, RoutingDecision, Source, choose_route
 
@@ -103,9 +97,6 @@ if TYPE_CHECKING:
 
 dispatcher = instrument.get_dispatcher(__name__)
 
-# Call keywords handed to the engine as they are: the grammar the output follows.
-CONSTRAINT_KEYWORDS = ("structured_outputs", "response_format")
-NO_CONSTRAINT = {"type": "text"}  # OpenAI's response_format for free text
 QA_TEMPLATE_TOKENS = 128  # LlamaIndex's default QA / refine templates, generously counted
 
 
@@ -123,8 +114,8 @@ class FusedLLM(AdapterFields, FunctionCallingLLM):
         "template's).",
     )
 
-    # What `_prepare_chat_with_tools` passes to `chat`, and a grammar of the caller's own.
-    extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", *CONSTRAINT_KEYWORDS)
+    # What `_prepare_chat_with_tools` passes to `chat`.
+    extra_call_keywords: ClassVar[tuple[str, ...]] = ("tools", "tool_choice")
 
     @classmethod
     def class_name(cls) -> str:
@@ -208,12 +199,12 @@ class FusedLLM(AdapterFields, FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         prompt = self._chat_prompt(messages, kwargs)
-        return _chat_response(self._complete(prompt, kwargs, chat=True), _parses_tool_calls(kwargs))
+        return _chat_response(self._complete(prompt, kwargs, chat=True), parses_tool_calls(kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         prompt = self._chat_prompt(messages, kwargs)
-        if _parses_tool_calls(kwargs):  # tool calls are read from the whole reply: one chunk
+        if parses_tool_calls(kwargs):  # tool calls are read from the whole reply: one chunk
             return _one(_whole_reply(self._complete(prompt, kwargs, chat=True)))
         decision, pieces = self._start_stream(prompt, kwargs, chat=True)
         return (_chat_response(c) for c in _completions(decision, pieces))
@@ -222,14 +213,14 @@ class FusedLLM(AdapterFields, FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         prompt = self._chat_prompt(messages, kwargs)
         completion = await asyncio.to_thread(self._complete, prompt, kwargs, True)
-        return _chat_response(completion, _parses_tool_calls(kwargs))
+        return _chat_response(completion, parses_tool_calls(kwargs))
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         prompt = self._chat_prompt(messages, kwargs)
-        if _parses_tool_calls(kwargs):  # tool calls are read from the whole reply: one chunk
+        if parses_tool_calls(kwargs):  # tool calls are read from the whole reply: one chunk
             completion = await asyncio.to_thread(self._complete, prompt, kwargs, True)
             return _aone(_whole_reply(completion))
         decision, pieces = await asyncio.to_thread(self._start_stream, prompt, kwargs, True)
@@ -401,51 +392,14 @@ class FusedLLM(AdapterFields, FunctionCallingLLM):
         return choose_route(kwargs, active_instrument_tags.get(), None, self.route)
 
     def _engine_keywords(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
-        """Fields and call keywords, and the call's grammar (`_grammar`). A chat reply also stops
-        at the end of the assistant turn, unless a grammar shapes all of it: that grammar ends
-        the reply, and the turn's end text (a newline in some templates) may occur inside it."""
-        grammar = self._grammar(kwargs, chat)
-        free_text = not grammar or (
-            bool(kwargs.get("tools")) and kwargs.get("tool_choice") in (None, "auto")
-        )
-        chat_stops = self.client.chat_stops() if chat and free_text else []
-        return {**self.engine_keywords(kwargs, self.max_new_tokens, chat_stops), **grammar}
-
-    def _grammar(self, kwargs: dict[str, Any], chat: bool) -> dict[str, Any]:
-        """The engine's grammar keywords: `structured_outputs` / `response_format` as given, or
-        the tool choice's grammar over the offered tools (`tool_call_constraint`)."""
-        given = {
-            key: kwargs[key]
-            for key in CONSTRAINT_KEYWORDS
-            if kwargs.get(key) is not None and kwargs[key] != NO_CONSTRAINT
-        }
-        tools, choice = kwargs.get("tools") or [], kwargs.get("tool_choice")
-        if not tools and choice is None:
-            return given
-        if not chat:
-            raise RequestError(
-                "tools and tool_choice are chat keywords; use chat or chat_with_tools"
-            )
-        grammar = tool_call_constraint(list(tools), choice, _writes_call_blocks(self.client))
-        if grammar is None:
-            return given
-        if given:
-            msg = (
-                f"tool_choice={choice!r} constrains the reply to tool calls; "
-                f"{' and '.join(given)} cannot constrain it too: pass tool_choice='none' or no tools"
-            )
+        """A chat call's engine keywords (`chat_keywords`: its grammar and turn's end), or a
+        completion's (`engine_keywords`), which takes no tools."""
+        if chat:
+            return self.chat_keywords(kwargs, self.max_new_tokens)
+        if kwargs.get("tools") or kwargs.get("tool_choice") is not None:
+            msg = "tools and tool_choice are chat keywords; use chat or chat_with_tools"
             raise RequestError(msg)
-        return {"structured_outputs": grammar}
-
-
-def _writes_call_blocks(client: FusionClient) -> bool:
-    """Whether the large model's chat template writes tool calls as `<tool_call>` blocks."""
-    return TOOL_CALL_TRIGGER in (getattr(client.engine.tokenizer, "chat_template", None) or "")
-
-
-def _parses_tool_calls(kwargs: dict[str, Any]) -> bool:
-    """Whether a chat call's reply may hold tool calls (tools offered, tool_choice not "none")."""
-    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
+        return self.engine_keywords(kwargs, self.max_new_tokens)
 
 
 def _role(message: ChatMessage) -> str:
