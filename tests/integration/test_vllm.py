@@ -327,20 +327,34 @@ def test_constraints_on_the_server_keep_fusion(server, hf_engine):
 
 
 @pytest.mark.subprocess
-def test_response_format_json_schema_on_a_fused_server_request_is_valid_json(server):
+def test_response_format_json_schema_on_a_fused_server_request_is_the_engines(server, hf_engine):
+    """A fused chat request with a JSON schema is decoded as the HF engine decodes it under the
+    same grammar (fusion stays on), and its text follows the grammar."""
+    import xgrammar
+
     client = _client(server)
+    messages = [{"role": "user", "content": "Where does Ada live?"}]
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "place", "schema": BOUNDED_JSON},
+    }
     reply = client.chat.completions.create(
-        model="fusion",
-        messages=[{"role": "user", "content": "Where does Ada live?"}],
-        max_tokens=40,
-        temperature=0,
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "place", "schema": BOUNDED_JSON},
-        },
-        extra_body={"vllm_xargs": {"experts": ["trivia"], "fusion_mode": "dynamic"}},
+        model="fusion", messages=messages, max_tokens=40, temperature=0,
+        response_format=response_format,
+        extra_body={"vllm_xargs": {"experts": ["trivia"], "fusion_mode": "static"}},
+    )  # fmt: skip
+    prompt = hf_engine.render_chat(messages)
+    expected = hf_engine.generate(
+        prompt, experts=["trivia"], mode="static", max_new_tokens=40, stop=[],
+        response_format=response_format,
+    )[0]  # fmt: skip
+    text = reply.choices[0].message.content
+    assert text == expected.text
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        hf_engine.tokenizer, vocab_size=hf_engine.models.vocab_size
     )
-    assert json.loads(reply.choices[0].message.content)["city"] in {"Rome", "Paris", "Oslo"}
+    grammar = xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(BOUNDED_JSON))
+    assert xgrammar.GrammarMatcher(grammar).accept_string(text)
 
 
 @pytest.mark.subprocess
