@@ -37,7 +37,7 @@ from .runtime.models import LoadedModel, ModelSet, load_models
 from .runtime.request import DONE, PromptBatch, Request, TokenScores
 from .runtime.scoring import Score, score_rows
 from .runtime.step import ConfigSolvers
-from .runtime.validation import expert_list, fit_to_window, fusion_mode, row_experts
+from .runtime.validation import fit_to_window, fusion_mode, row_experts
 
 
 @dataclass(frozen=True)
@@ -400,7 +400,7 @@ class FusionEngine:
         prompts: str | FusionPrompt | Sequence[str | FusionPrompt],
         continuations: str | Sequence[str | Sequence[int]],
         *,
-        experts: Sequence[str] | None = None,
+        experts: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
         mode: FusionMode | None = None,
     ) -> list[Score]:
         """The fused teacher-forced log-likelihood of each continuation after its prompt, in one
@@ -414,8 +414,8 @@ class FusionEngine:
         fitted by `fit_to_window` with its continuation's length free (cut from the left under
         `truncate_prompt`). Every
         position is fused by `fusion_step` under decoding's solver for `experts` (one list for
-        every row; None: all) and `mode`; `mode="none"` or `experts=[]` scores the large model
-        alone. An empty continuation, or one the window cannot hold, raises RequestError naming
+        every row, or one per row as in `generate`; None: all) and `mode`; `mode="none"` or
+        `experts=[]` scores the large model alone (rows with the same experts share a batch). An empty continuation, or one the window cannot hold, raises RequestError naming
         `continuations[i]`.
         """
         if self.config.backend == "vllm":
@@ -426,12 +426,24 @@ class FusionEngine:
             models.large.tokenizer, continuations, len(batch), models.vocab_size
         )
         mode = fusion_mode(mode, self.config.fusion.mode)
-        chosen = [] if mode == "none" else expert_list(experts, self.expert_names)
+        routes = [
+            [] if mode == "none" else e for e in row_experts(experts, len(batch), self.expert_names)
+        ]
+        chosen = list(dict.fromkeys(e for names in routes for e in names))
         truncate = self.config.generation.truncate_prompt
         tokens = self.scoring_prompts(batch, chosen, targets, truncate)
-        solver = self._solvers(mode, chosen) if chosen else None
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, names in enumerate(routes):
+            groups.setdefault(tuple(names), []).append(i)
+        scores: list[Score | None] = [None] * len(batch)
         with self._run_lock:  # the models are shared with decoding
-            return score_rows(models, tokens, targets, chosen, solver)
+            for names, rows in groups.items():
+                group = tokens.rows(rows, names)
+                solver = self._solvers(mode, list(names)) if names else None
+                found = score_rows(models, group, [targets[i] for i in rows], list(names), solver)
+                for i, score in zip(rows, found, strict=True):
+                    scores[i] = score
+        return scores
 
     def scoring_prompts(
         self,

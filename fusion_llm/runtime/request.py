@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from ..core.config import GenerationSpec
@@ -27,6 +27,15 @@ class PromptBatch:
     large: list[list[int]]
     small: list[list[int]]
     experts: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def rows(self, index: Sequence[int], experts: Collection[str]) -> PromptBatch:
+        """The prompts at `index`, with the renderings of `experts` only (`small` stays empty
+        when no row fuses)."""
+        return PromptBatch(
+            [self.large[i] for i in index],
+            [self.small[i] for i in index] if self.small else [],
+            {n: [ids[i] for i in index] for n, ids in self.experts.items() if n in experts},
+        )
 
 
 @dataclass
@@ -71,11 +80,7 @@ class Request:
             rows = slice(start, start + max_rows)
             row_experts = self.row_experts[rows]
             used = {e for names in row_experts for e in names}
-            tokens = PromptBatch(
-                self.tokens.large[rows],
-                self.tokens.small[rows],
-                {name: ids[rows] for name, ids in self.tokens.experts.items() if name in used},
-            )
+            tokens = self.tokens.rows(range(self.rows)[rows], used)
             experts = [e for e in self.experts if e in used]
             part = Request(
                 tokens, experts, self.mode, self.spec, self.eos_ids, row_experts, self.grammar

@@ -77,6 +77,24 @@ def test_experts_change_the_score_and_batching_does_not(engine):
     assert [s.total for s in batch] != pytest.approx([s.total for s in large], abs=1e-3)
 
 
+def test_each_row_scores_with_its_own_experts(engine):
+    prompts = [*PROMPTS, PROMPTS[0]]
+    continuations = [" the river", " of Egypt and", " the river"]
+    routes = [["full"], ["lora_a", "lora_b"], []]
+    together = engine.score(prompts, continuations, experts=routes, mode="dynamic")
+    for prompt, continuation, experts, score in zip(
+        prompts, continuations, routes, together, strict=True
+    ):
+        (alone,) = engine.score(prompt, continuation, experts=experts, mode="dynamic")
+        assert score.tokens == alone.tokens
+        assert score.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+    assert together[0].total != pytest.approx(
+        together[2].total, abs=1e-3
+    )  # same text, experts differ
+    with pytest.raises(RequestError, match="one list per prompt"):
+        engine.score(prompts, continuations, experts=routes[:2])
+
+
 @pytest.mark.parametrize(
     ("continuations", "named"),
     [
