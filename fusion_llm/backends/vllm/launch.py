@@ -26,6 +26,13 @@ CPU_KV_CACHE_CAP_GIB = 4
 VLLM_MAX_NUM_SEQS = 128  # vLLM's max_num_seqs when none is given (engine, and server per worker)
 VLLM_CPU_BLOCK_SIZE = 128  # vLLM's tokens per KV page on CPU when block_size is not given
 
+SPECULATIVE_DECODING_REFUSED = (
+    "speculative decoding (vLLM's speculative_config) cannot run with fusion-llm's logits "
+    "processor: the small models would have to read every draft token and roll back the "
+    "rejected ones; remove speculative_config (vllm.engine_args, or --speculative-config after "
+    "`fusion-llm serve ... --`)"
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -220,12 +227,7 @@ def check_hostable(config: FusionConfig) -> None:
     processor in this process) and refuse a tensor-parallel size the large model's heads cannot
     be split by."""
     if "speculative_config" in config.vllm.engine_args:
-        msg = (
-            "vllm.engine_args.speculative_config: speculative decoding is not supported with "
-            "fusion (the small models would have to follow draft tokens that may be rejected); "
-            "remove it"
-        )
-        raise ConfigError(msg)
+        raise ConfigError(SPECULATIVE_DECODING_REFUSED)
     small_models(config.model_dump_json())
     size = config.vllm.tensor_parallel_size
     if size > 1:

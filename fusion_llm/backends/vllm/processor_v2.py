@@ -32,13 +32,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 
 from ...core.errors import ConfigError
 from .fused_rows import FusedRequest, FusedRows, admitted_options, fusion_config
-
-SPECULATIVE_DECODING_REFUSED = (
-    "speculative decoding (vLLM's speculative_config) cannot run with fusion-llm's logits "
-    "processor: the small models would have to read every draft token and roll back the "
-    "rejected ones; remove speculative_config (vllm.engine_args, or --speculative-config after "
-    "`fusion-llm serve ... --`)"
-)
+from .launch import SPECULATIVE_DECODING_REFUSED
 
 
 class FusionLogitsProcessorV2(LogitsProcessor):
