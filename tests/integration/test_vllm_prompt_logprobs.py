@@ -6,9 +6,9 @@ request that fuses nothing still gets them, and the server goes on serving."""
 from __future__ import annotations
 
 import pytest
-from test_vllm import PROMPT, _client
+from vllm_family import PROMPT, _client
 
-pytest_plugins = ["test_vllm"]  # its fixture: server
+pytest_plugins = ["vllm_family"]  # its fixture: server
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 FUSED = {"vllm_xargs": {"experts": ["trivia"], "fusion_mode": "static"}}

@@ -70,7 +70,7 @@ def test_two_ranks_generate_the_tokens_of_one_rank(one_rank):
 @pytest.mark.subprocess
 def test_serve_with_two_ranks_answers_with_the_tokens_of_one_rank(one_rank, tmp_path):
     from openai import OpenAI
-    from test_vllm import _free_port
+    from vllm_family import _free_port
 
     config = tmp_path / "fusion.json"
     config.write_text(json.dumps(_config(2)))
