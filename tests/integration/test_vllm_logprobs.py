@@ -11,7 +11,7 @@ import torch
 from reference_decoder import fused_step_without_cache
 from vllm_family import PROMPT, _client
 
-from fusion_llm import FusionPrompt
+from fusion_llm import FusionPrompt, RequestError
 from fusion_llm.core.fusion import make_solver
 from fusion_llm.eval.tasks import TASKS, load_task
 
@@ -112,9 +112,7 @@ def test_a_greedy_row_beside_sampled_rows_still_reports_the_fused_logprobs(hf_en
     settings = {"experts": ["trivia"], "mode": "dynamic", "max_new_tokens": 16, "logprobs": K}
     sampled = {"experts": ["math"], "temperature": 0.7, "top_k": 20, "seed": 1}
     long_prompt = load_task("math", "eval", 1)[0].prompt
-    stream = vllm_engine.stream(
-        long_prompt, max_new_tokens=40, ignore_eos=True, stop=[], logprobs=1, **sampled
-    )
+    stream = vllm_engine.stream(long_prompt, max_new_tokens=40, ignore_eos=True, stop=[], **sampled)
     next(stream)  # the sampled row is running
     beside = {}
     thread = threading.Thread(
@@ -128,6 +126,15 @@ def test_a_greedy_row_beside_sampled_rows_still_reports_the_fused_logprobs(hf_en
     _assert_greedy_reports(beside["g"][0], K)
     assert beside["g"][0].token_ids == expected[0].token_ids
     assert max(_differences(expected, beside["g"])) <= TOLERANCE
+
+
+@pytest.mark.parametrize("reshaping", [{"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.9}])
+def test_logprobs_of_a_reshaped_sampled_row_are_refused_not_misreported(vllm_engine, reshaping):
+    """vLLM would report them after temperature / top-k / top-p: not the fused distribution."""
+    settings = {"temperature": 1.0, "seed": 1, "max_new_tokens": 4, "logprobs": 2}
+    with pytest.raises(RequestError, match="logprobs on the vllm backend"):
+        vllm_engine.generate(PROMPT, **{**settings, **reshaping})
+    assert len(vllm_engine.generate(PROMPT, **settings)[0].logprobs) >= 1
 
 
 # -- fusion-llm serve ----------------------------------------------------------------------------

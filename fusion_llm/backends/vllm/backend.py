@@ -35,8 +35,8 @@ Where this decoder differs from the batcher, vLLM forces it:
       `batching.max_rows` apply to the batcher only;
     - log-probabilities (`logprobs=k`) are vLLM's `processed_logprobs` (`launch.engine_arguments`):
       the batcher's fused ones (`runtime.sampler`) for greedy rows and rows sampled at
-      temperature 1 without top-k / top-p; other sampled rows report them after their
-      temperature (and, on vLLM's V1 runner, their top-k / top-p);
+      temperature 1 without top-k / top-p; other sampled rows would report them after their
+      temperature (and top-k / top-p), so asking for them there is a RequestError;
     - a grammar (`structured_outputs`) is compiled and applied by vLLM's structured-output
       manager (the same xgrammar, checked here first by the engine): vLLM masks the large row
       before custom logits processors, and the fused row keeps the mask (`core.fusion`).
@@ -291,6 +291,14 @@ def _sampling_params(
     from vllm.sampling_params import RequestOutputKind
 
     greedy = spec.temperature < GREEDY_TEMPERATURE
+    reshaped = spec.temperature != 1.0 or spec.top_k is not None or spec.top_p < 1.0
+    if spec.logprobs is not None and not greedy and reshaped:
+        msg = (
+            "logprobs on the vllm backend are the fused ones only for greedy rows and rows "
+            "sampled at temperature 1 without top_k / top_p (vLLM reports them after those); "
+            "use temperature 0 or 1 without top_k / top_p, or backend: hf"
+        )
+        raise RequestError(msg)
     return SamplingParams(
         max_tokens=spec.max_new_tokens,
         temperature=0.0 if greedy else spec.temperature,
