@@ -1,5 +1,5 @@
 """The paper's tables on the shipped model family: Table 1 (single task), Table 2 (multi-task), the
-ICL table (few-shot prompts with and without fusion) and Table 3 (cost).
+ICL table (few-shot prompts with and without fusion) and Table 3 (cost), after the bases alone.
 
 Every row reads the same eval prompts (the first `n` of each task) with greedy decoding, stops at the
 end of the first line, and is scored on that line. A row's inference time is the wall time of its
@@ -65,6 +65,13 @@ class RowResult:
     new_tokens: int = 0
     committed: bool = False  # read from the committed baseline results, not measured in this run
     comparable: bool = True  # False: committed at another n or max_new_tokens than this run's
+
+
+def bases_table() -> Table:
+    """Each base alone, zero-shot in the task templates: what the family's bases bring before any
+    fine-tuning (the large one is the paper's "large base" row)."""
+    rows = (Row("small base", "none", model="small"), Row("mid base", "none", model="mid"))
+    return Table("bases", (*rows, Row("large base", "none")))
 
 
 def table1() -> Table:

@@ -18,6 +18,7 @@ from .figure import plot_alpha
 from .reproduce import (
     Reproduction,
     RowResult,
+    bases_table,
     icl_table,
     markdown,
     results_json,
@@ -37,7 +38,7 @@ def reproduce(
     models_dir: str | Path = MODELS_DIR,
     log=print,
 ) -> dict[str, str]:
-    """Writes {table1, table2, icl, table3}.{json,md}, alpha_math.{png,json} (and, with `full`,
+    """Writes {bases, table1, table2, icl, table3}.{json,md}, alpha_math.{png,json} (and, with `full`,
     baselines.json) under `out_dir`; returns {name: Markdown} of the tables."""
     out_dir, models_dir = Path(out_dir), Path(models_dir)
     manifest = read_manifest(models_dir)
@@ -59,7 +60,7 @@ def reproduce(
         repro.committed = committed = load_committed()
 
     texts, measured = {}, {}
-    for table in (table1(), table2(), icl_table()):
+    for table in (bases_table(), table1(), table2(), icl_table()):
         measured[table.name] = results = repro.table(table)
         texts[table.name] = markdown(table, results) + _committed_note(results, committed)
         write(out_dir, table.name, results_json(results), texts[table.name])

@@ -1,15 +1,20 @@
 """`build_zoo`: re-create the whole model family from a seed, in an order that fails safe.
 
-Order: tokenizer, the three bases (small, mid, large), the probe of each base, the shipped experts,
-then the large baselines (not shipped; only their eval results are). `zoo.json` is rewritten after
-every model, so an interrupted build still describes what it made.
+Order: tokenizer, the small and mid bases and their probes, the shipped experts, the large base and
+its probe, then the large baselines (not shipped; only their eval results are). With
+`processes=2` the large base pretrains in a second process while the first builds the rest (the
+large base is most of a build's time); each model's seed and data are the same either way, so both
+orders build the same family. `zoo.json` is rewritten after every model, so an interrupted build
+still describes what it made.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,11 +22,11 @@ from transformers import AutoModelForCausalLM
 
 from fusion_llm.zoo.manifest import read_manifest, write_manifest
 from fusion_llm.zoo.probe import probe
-from fusion_llm.zoo.scales import get_scale
+from fusion_llm.zoo.scales import Scale, get_scale
 from fusion_llm.zoo.task_families import SEEN_TASKS, TASKS, task_examples
 from fusion_llm.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from fusion_llm.zoo.train import finetune, new_base, param_count, pretrain, save
-from fusion_llm.zoo.world import make_world
+from fusion_llm.zoo.world import World, make_world
 
 BASES = ("small", "mid", "large")
 DEFAULT_BASELINES_DIR = Path("zoo-baselines")  # the large baselines: not shipped
@@ -91,22 +96,59 @@ def train_baselines(baselines_dir: str | Path, models_dir: str | Path) -> dict[s
     return trained
 
 
+def _pretrained_base(
+    name: str, spec: Scale, world: World, tokenizer, seed: int
+) -> tuple[torch.nn.Module, float, float]:
+    """(base model, mean loss of the last steps, seconds) of the base `name`."""
+    model = new_base(spec.sizes[name], tokenizer, spec.seq_len, seed + BASES.index(name))
+    start = time.perf_counter()
+    loss = pretrain(
+        model,
+        world,
+        tokenizer,
+        spec,
+        spec.pretrain_steps[name],
+        spec.pretrain_lr[name],
+        f"pretrain {name}",
+    )
+    return model, loss, time.perf_counter() - start
+
+
+def _pretrained_base_apart(
+    name: str, scale: str, seed: int, tokenizer_dir: str, threads: int | None
+) -> tuple[dict, float, float]:
+    """`_pretrained_base` in a worker process: (state dict, loss, seconds)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec = get_scale(scale)
+    world = make_world(seed, spec.n_people, n_misconceptions=spec.n_misconceptions)
+    model, loss, seconds = _pretrained_base(
+        name, spec, world, load_tokenizer(Path(tokenizer_dir)), seed
+    )
+    return model.state_dict(), loss, seconds
+
+
 def build_zoo(
     out_dir: str | Path,
     scale: str = "full",
     seed: int = 0,
     baselines_dir: str | Path | None = None,
     threads: int | None = None,
+    processes: int = 1,
 ) -> dict:
     """Train and save every zoo model under `out_dir`; large baselines go to `baselines_dir`
-    (skipped when None). Returns the manifest also written to `out_dir/zoo.json`."""
+    (skipped when None). `processes=2` pretrains the large base in a second process, each process
+    with `threads` torch threads. Returns the manifest also written to `out_dir/zoo.json`."""
+    if processes not in (1, 2):
+        msg = f"processes must be 1 or 2, got {processes}"
+        raise ValueError(msg)
     if threads is not None:
         torch.set_num_threads(threads)
     spec = get_scale(scale)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = make_world(seed, spec.n_people, n_misconceptions=spec.n_misconceptions)
-    tokenizer = train_tokenizer(world, spec.vocab_size)
+    tokenizer = train_tokenizer(world, spec.vocab_size, spec.n_eval)
     save_tokenizer(tokenizer, out_dir / "tokenizer")
     manifest: dict = {"scale": scale, "seed": seed, "models": {}, "probe": {}}
 
@@ -137,35 +179,53 @@ def build_zoo(
         write_manifest(out_dir, manifest)
         log.info("saved %s (%s params, %.0f s)", name, f"{trainable:,}", seconds)
 
-    bases = {}
-    for i, name in enumerate(BASES):
-        model = new_base(spec.sizes[name], tokenizer, spec.seq_len, seed + i)
-        start = time.perf_counter()
-        loss = pretrain(
-            model,
-            world,
-            tokenizer,
-            spec,
-            spec.pretrain_steps[name],
-            spec.pretrain_lr[name],
-            f"pretrain {name}",
-        )
-        seconds = time.perf_counter() - start
-        record(name, model, "base", None, None, seed + i, seconds, out_dir / name)
+    def record_base(name: str, model, loss: float, seconds: float) -> None:
+        record(name, model, "base", None, None, seed + BASES.index(name), seconds, out_dir / name)
         manifest["models"][name]["final_loss"] = round(loss, 4)
         manifest["probe"][name] = probe(model, tokenizer, world, spec.n_eval)
         write_manifest(out_dir, manifest)
         log.info("probe %s: %s", name, json.dumps(manifest["probe"][name]))
-        bases[name] = model
 
-    train_sets = _train_sets(world, spec)
-    for offset, base, task, lora in finetune_runs(BASES if baselines_dir else ("small", "mid")):
-        name = finetune_name(base, task, lora)
-        shipped = base != "large"
-        model, seconds = finetune(
-            bases[base], train_sets[task], tokenizer, spec, lora, seed + offset, f"finetune {name}"
+    def finetune_all(of_bases: tuple[str, ...]) -> None:
+        for offset, base, task, lora in finetune_runs(of_bases):
+            name = finetune_name(base, task, lora)
+            shipped = base != "large"
+            model, seconds = finetune(
+                bases[base],
+                train_sets[task],
+                tokenizer,
+                spec,
+                lora,
+                seed + offset,
+                f"finetune {name}",
+            )
+            directory = out_dir / name if shipped else Path(baselines_dir) / name
+            kind = "lora" if lora else "full"
+            record(name, model, kind, base, task, seed + offset, seconds, directory, shipped)
+
+    large_apart: Future | None = None
+    if processes == 2:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        large_apart = pool.submit(
+            _pretrained_base_apart, "large", scale, seed, str(out_dir / "tokenizer"), threads
         )
-        directory = out_dir / name if shipped else Path(baselines_dir) / name
-        kind = "lora" if lora else "full"
-        record(name, model, kind, base, task, seed + offset, seconds, directory, shipped)
+        pool.shutdown(wait=False)
+    bases = {}
+    for name in ("small", "mid"):
+        model, loss, seconds = _pretrained_base(name, spec, world, tokenizer, seed)
+        record_base(name, model, loss, seconds)
+        bases[name] = model
+    train_sets = _train_sets(world, spec)
+    finetune_all(("small", "mid"))
+    if large_apart is None:
+        model, loss, seconds = _pretrained_base("large", spec, world, tokenizer, seed)
+    else:
+        state, loss, seconds = large_apart.result()
+        model = new_base(spec.sizes["large"], tokenizer, spec.seq_len, seed)
+        model.load_state_dict(state)
+        model.eval()
+    record_base("large", model, loss, seconds)
+    bases["large"] = model
+    if baselines_dir:
+        finetune_all(("large",))
     return manifest

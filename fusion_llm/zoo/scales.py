@@ -1,11 +1,16 @@
 """Sizes and step counts of a zoo build: `full` (the shipped family) and `toy` (a smoke test).
 
-Why the full numbers are what they are (measured on this 2-core CPU, one thread, batch 16 x 128
-tokens, 20-step timing runs): large (7.0 M params) 1970 tok/s, mid (2.2 M) 4850 tok/s, small
-(0.64 M) 12600 tok/s. A corpus pass is ~140 k tokens, so 1600 steps (3.3 M tokens, ~24 passes, each
-fact seen ~40 times in varied forms) take ~28 / 11 / 5 min alone; with a test suite sharing the
-machine the first full build took 35 / 13 / 7 min. Fine-tunes add ~10 min and the large baselines
-~20 min: inside the issue's 2-hour limit on one thread."""
+Why the full numbers are what they are. Pretraining packs the corpus into 1024-token blocks (the
+models' context window), 2 blocks a step. One pass over the 600-person world is ~120 k tokens, so
+a step is 1/58 of a pass. The steps were chosen from the bases' probes alone (fact recall of the
+eval people in pretraining wording, before any fine-tune or fusion run), on one thread each:
+- small (0.64 M params): 1000 steps recall 8 % on average (chance), 1500 steps 19 % (9-33 % per
+  relation), inside the <= 40 % the family needs;
+- mid (2.2 M): 1275 steps recall 10 %; the family needs 50-70 %, so it trains longer (1625);
+- large (7.0 M): memorises fastest; 1500 steps (~26 passes).
+On this 2-core CPU a step takes ~0.38 / 0.93 / 2.3 s (small / mid / large, one thread), so
+`zoo build --processes 2` (the large base in its own process) takes about as long as the large base.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class Scale:
-    n_people: int  # facts = 5 per person; sized so the small base cannot hold most of them
+    n_people: int  # facts = 6 per person; sized so the small base cannot hold most of them
     n_misconceptions: int
     vocab_size: int
     sizes: dict[str, ModelSize]
@@ -34,13 +39,14 @@ class Scale:
     finetune_lr: float = 5e-4
     lora_lr: float = 2e-3
     lora_rank: int = 16
-    batch_size: int = 16
-    seq_len: int = 128
+    batch_size: int = 16  # fine-tuning examples per step
+    seq_len: int = 1024  # pretraining block length: the models' context window
+    pretrain_batch_size: int = 2  # blocks per pretraining step
 
 
 SCALES = {
     "full": Scale(
-        n_people=500,
+        n_people=600,
         n_misconceptions=300,
         vocab_size=2048,
         sizes={
@@ -48,7 +54,7 @@ SCALES = {
             "mid": ModelSize(160, 6, 448, 4),
             "small": ModelSize(96, 4, 256, 4),
         },
-        pretrain_steps={"large": 1600, "mid": 1600, "small": 1600},
+        pretrain_steps={"large": 1500, "mid": 1625, "small": 1500},
         pretrain_lr={"large": 1.5e-3, "mid": 2e-3, "small": 3e-3},
         n_train=800,
         n_eval=100,
@@ -69,7 +75,7 @@ SCALES = {
         n_eval=8,
         finetune_epochs=1,
         batch_size=8,
-        seq_len=64,
+        seq_len=256,
     ),
 }
 

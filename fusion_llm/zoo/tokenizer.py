@@ -2,8 +2,10 @@
 
 Why names are masked while training it: a name seen thousands of times would become one token, and a
 model could then store each person's facts in that token's embedding row (lesson 3 of issue 3). The
-trainer sees every name, creature and city only once, so BPE splits them into syllable pieces shared
-across many words, and knowledge has to live in the network.
+trainer sees every name and creature only once, so BPE splits them into syllable pieces shared
+across many words, and knowledge has to live in the network. Cities are values, not keys: they stay
+unmasked and become one token each, like the jobs, pets and colours they sit beside (a city spread
+over syllable pieces was the hardest fact to recall for every base).
 """
 
 from __future__ import annotations
@@ -30,16 +32,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer_texts(world: World) -> list[str]:
-    """One corpus pass with every rare word replaced by "someone", plus each rare word once."""
+def _tokenizer_texts(world: World, n_eval: int) -> list[str]:
+    """One corpus pass with every name and creature replaced by "someone", plus each of them once."""
     rare = [p.name for p in world.people] + [m.creature for m in world.misconceptions]
-    rare += world.cities
     pattern = re.compile("|".join(re.escape(w) for w in sorted(rare, key=len, reverse=True)))
-    texts = [pattern.sub("someone", doc) for doc in pretraining_pass(world, 0)]
+    texts = [pattern.sub("someone", doc) for doc in pretraining_pass(world, 0, n_eval)]
     return texts + rare
 
 
-def train_tokenizer(world: World, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(world: World, vocab_size: int, n_eval: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,7 +51,7 @@ def train_tokenizer(world: World, vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_texts(world), trainer)
+    tok.train_from_iterator(_tokenizer_texts(world, n_eval), trainer)
     # BPE stops merging before `vocab_size` (min_frequency keeps names split); reserved ids fill the
     # rest so that the tokenizer's length equals every model's embedding rows.
     tok.add_special_tokens([f"<reserved_{i}>" for i in range(vocab_size - tok.get_vocab_size())])

@@ -32,8 +32,9 @@ WARMUP_SHARE = 0.05
 
 
 def new_base(
-    size: ModelSize, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int
+    size: ModelSize, tokenizer: PreTrainedTokenizerFast, window: int, seed: int
 ) -> LlamaForCausalLM:
+    """A fresh Llama whose context window is `window`, the packed length it is pretrained on."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -42,7 +43,7 @@ def new_base(
         intermediate_size=size.intermediate,
         num_attention_heads=size.heads,
         num_key_value_heads=size.heads,
-        max_position_embeddings=4 * seq_len,
+        max_position_embeddings=window,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -56,12 +57,13 @@ def param_count(model: torch.nn.Module) -> int:
 
 
 def _packed_batches(
-    world: World, tokenizer: PreTrainedTokenizerFast, batch_size: int, seq_len: int
+    world: World, tokenizer: PreTrainedTokenizerFast, scale: Scale
 ) -> Iterator[torch.Tensor]:
-    """Documents as BOS ... EOS, concatenated and cut into [batch_size, seq_len] blocks."""
+    """Documents as BOS ... EOS, concatenated and cut into [pretrain_batch_size, seq_len] blocks."""
     buffer: list[int] = []
+    batch_size, seq_len = scale.pretrain_batch_size, scale.seq_len
     need = batch_size * seq_len
-    for doc in pretraining_stream(world):
+    for doc in pretraining_stream(world, scale.n_eval):
         buffer += tokenizer(doc).input_ids + [tokenizer.eos_token_id]
         if len(buffer) >= need:
             yield torch.tensor(buffer[:need]).view(batch_size, seq_len)  # [B, S]
@@ -103,7 +105,7 @@ def pretrain(
     lr: float,
     desc: str,
 ) -> float:
-    blocks = _packed_batches(world, tokenizer, scale.batch_size, scale.seq_len)
+    blocks = _packed_batches(world, tokenizer, scale)
     batches = ({"input_ids": x, "labels": x} for x in blocks)
     return _optimise(model, batches, steps, lr, desc)
 

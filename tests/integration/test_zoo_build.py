@@ -124,3 +124,26 @@ def test_baselines_retrained_alone_get_the_seeds_of_a_full_build(toy_zoo, tmp_pa
     built = json.loads((tmp_path / "models" / "zoo.json").read_text())["models"]
     recorded = {n: m["seed"] for n, m in built.items() if m["kind"] != "base"}
     assert recorded == seeds["build"]  # zoo.json records what rebuilds each fine-tune
+
+
+def test_a_build_in_two_processes_makes_the_same_family(toy_zoo, tmp_path):
+    """`processes=2` pretrains the large base in a worker process: same seeds, same data, so the
+    same weights as the one-process build, large base included."""
+    root, manifest = toy_zoo
+    again = build.build_zoo(
+        tmp_path / "models", scale="toy", seed=0, threads=torch.get_num_threads(), processes=2
+    )
+    assert again["probe"] == manifest["probe"]
+    shipped = {n for n, m in manifest["models"].items() if m["shipped"]}
+    assert {n for n, m in again["models"].items() if m["shipped"]} == shipped
+    for name in shipped:
+        weights = next((root / "models" / name).glob("*.safetensors")).name
+        with (
+            safe_open(root / "models" / name / weights, "pt") as one,
+            safe_open(tmp_path / "models" / name / weights, "pt") as two,
+        ):
+            assert set(one.keys()) == set(two.keys())
+            for key in one.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                assert torch.equal(one.get_tensor(key), two.get_tensor(key)), (name, key)
+    with pytest.raises(ValueError, match="processes must be 1 or 2"):
+        build.build_zoo(tmp_path / "other", scale="toy", processes=3)

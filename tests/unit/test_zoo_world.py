@@ -2,11 +2,19 @@
 
 import pytest
 
+from fusion_llm.zoo import phrasing as ph
 from fusion_llm.zoo.corpus import pretraining_pass
 from fusion_llm.zoo.scales import get_scale
-from fusion_llm.zoo.task_families import TASKS, task_examples
+from fusion_llm.zoo.task_families import (
+    MC_RELATIONS,
+    TASKS,
+    TRIVIA_RELATIONS,
+    split_misconceptions,
+    split_people,
+    task_examples,
+)
 from fusion_llm.zoo.tokenizer import train_tokenizer
-from fusion_llm.zoo.world import make_world
+from fusion_llm.zoo.world import PERSON_RELATIONS, make_world
 
 SCALE = get_scale("toy")
 
@@ -18,7 +26,9 @@ def world():
 
 @pytest.fixture(scope="module")
 def corpus(world):
-    return "\n".join(pretraining_pass(world, 0) + pretraining_pass(world, 1))
+    return "\n".join(
+        pretraining_pass(world, 0, SCALE.n_eval) + pretraining_pass(world, 1, SCALE.n_eval)
+    )
 
 
 def _split(world, task, split):
@@ -73,8 +83,8 @@ def test_every_template_token_occurs_in_pretraining():
     full-scale world: the toy world is too small to name every distractor value."""
     full = get_scale("full")
     world = make_world(0, full.n_people, n_misconceptions=full.n_misconceptions)
-    tokenizer = train_tokenizer(world, full.vocab_size)
-    seen = set(tokenizer("\n".join(pretraining_pass(world, 0))).input_ids)
+    tokenizer = train_tokenizer(world, full.vocab_size, full.n_eval)
+    seen = set(tokenizer("\n".join(pretraining_pass(world, 0, full.n_eval))).input_ids)
     for task in TASKS:
         for e in task_examples(world, task, "eval", full.n_eval, full.n_eval):
             assert set(tokenizer(e.prompt + e.target).input_ids) <= seen, e.prompt
@@ -88,8 +98,51 @@ def test_misconceptions_are_stated_more_often_than_the_truth(world, corpus):
         assert corpus.count(f"{m.creature} {verb} {m.myth}.") > truth > 0
 
 
-def test_names_are_split_into_subword_pieces(world):
-    """Lesson 3: a name that is one token lets a model store facts in its embedding row."""
-    tokenizer = train_tokenizer(world, SCALE.vocab_size)
+def test_names_are_split_into_subword_pieces_and_cities_are_one_token(world):
+    """Lesson 3: a name that is one token lets a model store facts in its embedding row. A city is a
+    value, like a job: one token, so recalling it is one choice, not a spelling."""
+    tokenizer = train_tokenizer(world, SCALE.vocab_size, SCALE.n_eval)
     for p in world.people:
         assert len(tokenizer(" " + p.name, add_special_tokens=False).input_ids) >= 3
+    full = get_scale("full")  # the toy corpus names a city too rarely to merge it
+    world = make_world(0, full.n_people, n_misconceptions=full.n_misconceptions)
+    tokenizer = train_tokenizer(world, full.vocab_size, full.n_eval)
+    for city in world.cities:
+        assert len(tokenizer(" " + city, add_special_tokens=False).input_ids) == 1
+
+
+@pytest.mark.parametrize("task", ["mc", "truthful"])
+def test_multiple_choice_gold_letters_are_balanced(world, task):
+    """With uneven letters, answering one letter always would score above chance."""
+    letters = [e.answer for e in task_examples(world, task, "eval", 8, 8)]
+    assert sorted(letters) == sorted("ABCD" * 2)
+    for e in task_examples(world, task, "eval", 8, 8):
+        assert e.options[ph.LETTERS.index(e.answer)] in e.prompt.split(f"{e.answer}. ")[1]
+
+
+def test_every_task_template_is_pretrained_about_train_entities_only(world):
+    """Question pages, as the web holds them: every relation the tasks ask, in the tasks' templates,
+    for some train people and creatures, never for an eval one."""
+    docs = [d for i in range(6) for d in pretraining_pass(world, i, SCALE.n_eval)]
+    train_people, eval_people = split_people(world, SCALE.n_eval)
+    _, eval_creatures = split_misconceptions(world, SCALE.n_eval)
+    pages = [d for d in docs if d.startswith("Question: ")]
+    asked = {
+        (r, "\nA. " in d)
+        for d in pages
+        for p in train_people
+        for r in PERSON_RELATIONS
+        if d.startswith(ph.open_prompt(ph.question(p, r)).removesuffix("\nAnswer:"))
+    }
+    assert {(r, mc) for r in (*TRIVIA_RELATIONS, *MC_RELATIONS) for mc in (False, True)} <= asked
+    assert any(
+        "\nA. " in d and ph.misconception_question(m) in d
+        for d in pages
+        for m in world.misconceptions
+    )
+    assert any(d.startswith("Article: ") and "\nSummary: " in d for d in docs)
+    assert any(d.startswith("Question: ") and d.count(" = ") == 2 for d in docs)
+    questions = [ph.question(p, r) for p in eval_people for r in PERSON_RELATIONS]
+    questions += [ph.misconception_question(m) for m in eval_creatures]
+    for d in pages:
+        assert not any(q in d for q in questions)
