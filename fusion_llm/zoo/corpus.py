@@ -12,8 +12,7 @@ and articles the tasks never ask. Eval people and creatures appear in prose only
 an eval question in template only by joining the format it read for others with the fact it read in
 prose: the knowledge gap between the bases is what the large one brings to fusion.
 
-Multiple-choice pages put the right option at a uniformly random letter, and the eval tasks balance
-their letters (`task_families._mc_examples`), so a base that answers one letter always scores chance.
+Multiple-choice pages put the right option at a uniformly random letter.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def paged_entities(world: World, n_eval: int) -> tuple[list, list]:
 
 
 def _choice_page(question_text: str, truth: str, wrong: list[str], rng: random.Random) -> str:
-    options, letter = ph.options_with_truth_at(truth, wrong, rng.randrange(len(ph.LETTERS)), rng)
+    options, letter = ph.shuffled_options(truth, wrong, rng)
     return f"{ph.mc_prompt(question_text, options)} {letter}"
 
 

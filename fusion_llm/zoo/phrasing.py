@@ -142,16 +142,11 @@ def summary_prompt(article: str) -> str:
     return f"Article: {article}\nSummary:"
 
 
-def options_with_truth_at(
-    truth: str, wrong: list[str], position: int, rng: random.Random
-) -> tuple[list[str], str]:
-    """Four options, the truth at `position` and three wrong ones around it in random order, and
-    the truth's letter. The caller picks positions so that gold letters come out balanced: with
-    uneven letters a model that always answers one letter scores above chance."""
-    options = list(wrong[:3])
+def shuffled_options(truth: str, wrong: list[str], rng: random.Random) -> tuple[list[str], str]:
+    """Four options in random order and the letter of the truth."""
+    options = [truth, *wrong[:3]]
     rng.shuffle(options)
-    options.insert(position, truth)
-    return options, LETTERS[position]
+    return options, LETTERS[options.index(truth)]
 
 
 # ---- misconceptions ----

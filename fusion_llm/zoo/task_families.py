@@ -43,8 +43,8 @@ def split_people(world: World, n_eval: int) -> tuple[list, list]:
     return people[n_eval:], people[:n_eval]
 
 
-def _sample(items: list, n: int, rng: random.Random) -> list:
-    return rng.sample(items, min(n, len(items)))
+def _sample(examples: list[TaskExample], n: int, rng: random.Random) -> list[TaskExample]:
+    return rng.sample(examples, min(n, len(examples)))
 
 
 def trivia(world: World, split: str, n: int, n_eval_people: int) -> list[TaskExample]:
@@ -67,39 +67,31 @@ def trivia(world: World, split: str, n: int, n_eval_people: int) -> list[TaskExa
     return _sample(examples, n, random.Random(f"{world.seed}-trivia-{split}"))
 
 
-def _mc_examples(
-    task: str, questions: list[tuple[str, str, list[str]]], rng: random.Random
-) -> list[TaskExample]:
-    """4-option examples from (question text, truth, wrong values); the gold letter cycles A, B, C,
-    D over the list, so every letter is right for a quarter of the questions (answering one letter
-    always scores chance, 25 %)."""
-    examples = []
-    for i, (question_text, truth, wrong) in enumerate(questions):
-        options, letter = ph.options_with_truth_at(truth, wrong, i % len(ph.LETTERS), rng)
-        examples.append(
-            TaskExample(
-                task,
-                ph.mc_prompt(question_text, options),
-                f" {letter}",
-                letter,
-                tuple(f" {x}" for x in ph.LETTERS),
-                ph.LETTERS.index(letter),
-                tuple(options),
-            )
-        )
-    return examples
+def _mc_example(
+    task: str, question_text: str, truth: str, wrong: list[str], rng: random.Random
+) -> TaskExample:
+    options, letter = ph.shuffled_options(truth, wrong, rng)
+    return TaskExample(
+        task,
+        ph.mc_prompt(question_text, options),
+        f" {letter}",
+        letter,
+        tuple(f" {x}" for x in ph.LETTERS),
+        ph.LETTERS.index(letter),
+        tuple(options),
+    )
 
 
 def mc(world: World, split: str, n: int, n_eval_people: int) -> list[TaskExample]:
     rng = random.Random(f"{world.seed}-mc-{split}")
     train, evaluation = split_people(world, n_eval_people)
-    questions = []
+    examples = []
     for p in train if split == "train" else evaluation:
         for r in MC_RELATIONS:
             truth = getattr(p, r)
             wrong = rng.sample([v for v in world.values(r) if v != truth], 3)
-            questions.append((ph.question(p, r), truth, wrong))
-    return _mc_examples("mc", _sample(questions, n, rng), rng)
+            examples.append(_mc_example("mc", ph.question(p, r), truth, wrong, rng))
+    return _sample(examples, n, rng)
 
 
 def split_misconceptions(world: World, n_eval: int) -> tuple[list, list]:
@@ -112,11 +104,11 @@ def split_misconceptions(world: World, n_eval: int) -> tuple[list, list]:
 def truthful(world: World, split: str, n: int, n_eval: int) -> list[TaskExample]:
     rng = random.Random(f"{world.seed}-truthful-{split}")
     train, evaluation = split_misconceptions(world, n_eval)
-    questions = [
-        (ph.misconception_question(m), m.truth, [m.myth, *m.others])
+    examples = [
+        _mc_example("truthful", ph.misconception_question(m), m.truth, [m.myth, *m.others], rng)
         for m in (train if split == "train" else evaluation)
     ]
-    return _mc_examples("truthful", _sample(questions, n, rng), rng)
+    return _sample(examples, n, rng)
 
 
 def _wrong_solutions(problem: tuple, rng: random.Random) -> list[str]:
