@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
 
     build = commands.add_parser(
-        "build", help="re-create every zoo model from seeds (full: about 75 min on one thread)"
+        "build", help="train every zoo model from seeds (full: about an hour with --processes 2)"
     )
     build.add_argument("--scale", choices=["toy", "full"], default="full")
     build.add_argument("--out", type=Path, default=MODELS_DIR, help="where the models go")
