@@ -100,7 +100,7 @@ def _pretrained_base(
     name: str, spec: Scale, world: World, tokenizer, seed: int
 ) -> tuple[torch.nn.Module, float, float]:
     """(base model, mean loss of the last steps, seconds) of the base `name`."""
-    model = new_base(spec.sizes[name], tokenizer, spec.seq_len, seed + BASES.index(name))
+    model = new_base(spec.sizes[name], tokenizer, spec.window, seed + BASES.index(name))
     start = time.perf_counter()
     loss = pretrain(
         model,
@@ -221,7 +221,7 @@ def build_zoo(
         model, loss, seconds = _pretrained_base("large", spec, world, tokenizer, seed)
     else:
         state, loss, seconds = large_apart.result()
-        model = new_base(spec.sizes["large"], tokenizer, spec.seq_len, seed)
+        model = new_base(spec.sizes["large"], tokenizer, spec.window, seed)
         model.load_state_dict(state)
         model.eval()
     record_base("large", model, loss, seconds)

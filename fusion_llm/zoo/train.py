@@ -8,6 +8,7 @@ learns the task's format and selection rule, not the questions. Everything is sa
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -56,17 +57,14 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _packed_batches(
-    world: World, tokenizer: PreTrainedTokenizerFast, scale: Scale
-) -> Iterator[torch.Tensor]:
-    """Documents as BOS ... EOS, concatenated and cut into [pretrain_batch_size, seq_len] blocks."""
+def _blocks(docs: Iterator[list[int]], batch_size: int, length: int) -> Iterator[torch.Tensor]:
+    """Token-id documents concatenated and cut into [batch_size, length] blocks."""
     buffer: list[int] = []
-    batch_size, seq_len = scale.pretrain_batch_size, scale.seq_len
-    need = batch_size * seq_len
-    for doc in pretraining_stream(world, scale.n_eval):
-        buffer += tokenizer(doc).input_ids + [tokenizer.eos_token_id]
-        if len(buffer) >= need:
-            yield torch.tensor(buffer[:need]).view(batch_size, seq_len)  # [B, S]
+    need = batch_size * length
+    for ids in docs:
+        buffer += ids
+        while len(buffer) >= need:
+            yield torch.tensor(buffer[:need]).view(batch_size, length)  # [B, S]
             buffer = buffer[need:]
 
 
@@ -105,7 +103,18 @@ def pretrain(
     lr: float,
     desc: str,
 ) -> float:
-    blocks = _packed_batches(world, tokenizer, scale)
+    """`steps` AdamW steps over the corpus (documents as BOS ... EOS): short blocks first, then
+    blocks of the context window for the last `scale.window_share` of the steps, from one document
+    stream under one learning-rate schedule."""
+    docs = (
+        tokenizer(doc).input_ids + [tokenizer.eos_token_id]
+        for doc in pretraining_stream(world, scale.n_eval)
+    )
+    window_steps = round(steps * scale.window_share)
+    short = itertools.islice(
+        _blocks(docs, scale.block_batch_size, scale.block_len), steps - window_steps
+    )
+    blocks = itertools.chain(short, _blocks(docs, scale.window_batch_size, scale.window))
     batches = ({"input_ids": x, "labels": x} for x in blocks)
     return _optimise(model, batches, steps, lr, desc)
 

@@ -15,7 +15,7 @@ def model_and_tokenizer():
     scale = get_scale("toy")
     world = make_world(0, scale.n_people, n_misconceptions=scale.n_misconceptions)
     tokenizer = train_tokenizer(world, scale.vocab_size, scale.n_eval)
-    model = new_base(scale.sizes["small"], tokenizer, scale.seq_len, seed=0).eval()
+    model = new_base(scale.sizes["small"], tokenizer, scale.window, seed=0).eval()
     return model, tokenizer
 
 
