@@ -67,31 +67,51 @@ def trivia(world: World, split: str, n: int, n_eval_people: int) -> list[TaskExa
     return _sample(examples, n, random.Random(f"{world.seed}-trivia-{split}"))
 
 
-def _mc_example(
-    task: str, question_text: str, truth: str, wrong: list[str], rng: random.Random
-) -> TaskExample:
-    options, letter = ph.shuffled_options(truth, wrong, rng)
-    return TaskExample(
-        task,
-        ph.mc_prompt(question_text, options),
-        f" {letter}",
-        letter,
-        tuple(f" {x}" for x in ph.LETTERS),
-        ph.LETTERS.index(letter),
-        tuple(options),
-    )
+def _choice_examples(
+    task: str, items: list[tuple[str, str, list[str]]], split: str, n: int, rng: random.Random
+) -> list[TaskExample]:
+    """Four-option questions from (question text, truth, options in random order). In the eval
+    split the truth's letter cycles A, B, C, D over the sampled questions, so a model that always
+    answers one letter scores 25 % on any 4k of them, not whatever share that letter happens to get."""
+    chosen = _sample(items, n, rng)
+    if split == "eval":
+        chosen = [
+            (q, truth, _truth_at(options, truth, i % 4))
+            for i, (q, truth, options) in enumerate(chosen)
+        ]
+    examples = []
+    for question_text, truth, options in chosen:
+        letter = ph.LETTERS[options.index(truth)]
+        examples.append(
+            TaskExample(
+                task,
+                ph.mc_prompt(question_text, options),
+                f" {letter}",
+                letter,
+                tuple(f" {x}" for x in ph.LETTERS),
+                ph.LETTERS.index(letter),
+                tuple(options),
+            )
+        )
+    return examples
+
+
+def _truth_at(options: list[str], truth: str, position: int) -> list[str]:
+    """The options with the truth moved to `position`, the others in their order."""
+    others = [o for o in options if o != truth]
+    return [*others[:position], truth, *others[position:]]
 
 
 def mc(world: World, split: str, n: int, n_eval_people: int) -> list[TaskExample]:
     rng = random.Random(f"{world.seed}-mc-{split}")
     train, evaluation = split_people(world, n_eval_people)
-    examples = []
+    items = []
     for p in train if split == "train" else evaluation:
         for r in MC_RELATIONS:
             truth = getattr(p, r)
             wrong = rng.sample([v for v in world.values(r) if v != truth], 3)
-            examples.append(_mc_example("mc", ph.question(p, r), truth, wrong, rng))
-    return _sample(examples, n, rng)
+            items.append((ph.question(p, r), truth, ph.shuffled_options(truth, wrong, rng)[0]))
+    return _choice_examples("mc", items, split, n, rng)
 
 
 def split_misconceptions(world: World, n_eval: int) -> tuple[list, list]:
@@ -104,11 +124,15 @@ def split_misconceptions(world: World, n_eval: int) -> tuple[list, list]:
 def truthful(world: World, split: str, n: int, n_eval: int) -> list[TaskExample]:
     rng = random.Random(f"{world.seed}-truthful-{split}")
     train, evaluation = split_misconceptions(world, n_eval)
-    examples = [
-        _mc_example("truthful", ph.misconception_question(m), m.truth, [m.myth, *m.others], rng)
+    items = [
+        (
+            ph.misconception_question(m),
+            m.truth,
+            ph.shuffled_options(m.truth, [m.myth, *m.others], rng)[0],
+        )
         for m in (train if split == "train" else evaluation)
     ]
-    return _sample(examples, n, rng)
+    return _choice_examples("truthful", items, split, n, rng)
 
 
 def _wrong_solutions(problem: tuple, rng: random.Random) -> list[str]:

@@ -59,6 +59,15 @@ def test_gold_candidate_is_the_target(world, task):
         assert len(set(e.candidates)) == len(e.candidates)
 
 
+@pytest.mark.parametrize("task", ["mc", "truthful"])
+def test_eval_gold_letters_cycle_so_one_letter_scores_chance(world, task):
+    evaluation = _split(world, task, "eval")
+    assert [e.answer for e in evaluation] == [ph.LETTERS[i % 4] for i in range(len(evaluation))]
+    for e in evaluation:
+        assert f"{e.answer}. {e.options[e.gold]}" in e.prompt
+        assert len(set(e.options)) == 4
+
+
 def test_trivia_and_mc_eval_ask_about_people_no_train_question_mentions(world):
     def names(examples):
         return {p.name for p in world.people for e in examples if p.name + " " in e.prompt}
