@@ -11,7 +11,7 @@ solver, `dynamic` by default), so
     gain  = (fused - large) / (reference tokens)      nats per token, over all rows,
 
 and, because an expert can raise that likelihood by its answers' format alone (one trained on
-answers shuffled within its own task does, on the shipped family), the same gain is measured with
+answers shuffled within its own task did, on the first toy family), the same gain is measured with
 each prompt paired with ANOTHER row's reference (the next row whose reference differs):
 
     specificity = mean over rows of [ gain on the row's own reference - gain on the other one ],
@@ -20,9 +20,9 @@ positive when fusion prefers the right answer to a well-formed wrong one. The ve
 `helps = gain >= 0 and specificity > 0` (specificity is not judged when all references are equal).
 It is stored in the expert's card (`card.py`) under the large model it was measured against; the
 router's gate reads it. Measured on the shipped family (40 eval rows per task), specificity of the
-shipped LoRA experts / of experts trained on within-task-shuffled answers: trivia +2.43 / -0.49,
-math +1.07 / -0.19, summary +1.31 / -0.04; on truthful and mc (option answers) it does not
-separate them (+0.09 / +0.09, -0.07 / -0.06), nor do their fused accuracies (the shuffled ones lift
+shipped LoRA experts / of experts trained on within-task-shuffled answers: trivia +1.35 / -1.66,
+math +0.71 / -1.09, summary +1.69 / -0.01; on truthful and mc (option answers) it does not
+separate them (+0.03 / +0.02, +0.07 / +0.01), nor do their fused accuracies (the shuffled ones lift
 the large model too: what they teach there is the format). No per-step guard: docs/step_guard.md.
 """
 

@@ -1,24 +1,17 @@
 """Sizes and step counts of a zoo build: `full` (the shipped family) and `toy` (a smoke test).
 
-The shipped family was built by the recipe of an earlier commit: 500 people, 128-token blocks, 16
-a step, 1600 steps per base, and a corpus with task-template pages for the relations the tasks do
-not ask. This scale is the next family's, still being sized (the corpus writes question pages for
-train entities in every task template; the block schedule is below). Probes of its bases (eval people's fact recall in
-pretraining wording, before any fine-tune or fusion run; one thread each) on a 600-person world, one
-pass ~120 k tokens, so a step is 1/58 of a pass:
-- small (0.64 M params): 1000 steps recall 8 % on average (chance), 1500 steps 19 % (9-33 % per
-  relation); 1500 steps of 128-token blocks (16 a step) 25 %;
-- mid (2.2 M): 1275 steps 10 %, 1625 steps 38 % (jobs 90 %, the other relations 22-37 %);
-- large (7.0 M): 1500 steps 38 % (city 16 %, jobs 65 %), far below the >= 85 % the family needs;
-  the same steps and tokens in 128-token blocks (16 a step) 93 % (city 82 %, pet 86 %, the others
-  92-100 %): the long blocks, not the corpus, keep the large base from memorising, so pretraining
-  now runs in short blocks and gives the 1024-token window the last 10 % of the steps. That
-  schedule, 1350 + 150 steps: 84 % (city 70 %, pet 72 %, the others 81-99 %), so the long phase
-  costs about 9 points; the next build needs more steps or a smaller window share.
-- mid in short blocks, 1625 steps: 76 % (city 61 %, colour 61 %, jobs 100 %): above 50-70 %.
-A step takes ~0.38 / 0.93 / 2.3 s (small / mid / large, one thread; 128-token blocks are ~2 x
-faster for the small base), so `zoo build --processes 2` (the large base in its own process) takes
-about as long as the large base.
+The shipped family is `full`, built by `fusion-llm zoo build --processes 2 --threads 1` (probes in
+`zoo.json`, tables in docs/reproduction.md). Its step counts were chosen from probes of each base
+alone (eval people's fact recall in pretraining wording, before any fine-tune or fusion run; one
+thread each) on the 600-person world, where one pass is ~120 k tokens, so a step is 1/58 of a pass:
+- pretraining in 1024-token blocks throughout keeps the bases from memorising (1500 steps: small
+  19 %, large 38 %, mid 38 % at 1625 steps); the same steps and tokens in 128-token blocks, 16 a
+  step, give the large base 93 % (city 82 %, pet 86 %) and the small one 25 %. So pretraining runs
+  in short blocks and reaches the 1024-token window (2 blocks a step) only for the last
+  `window_share` of the steps: 10 % of 1500 cost the large base 9 points (84 %), hence 5 % of 2000;
+- mid in short blocks: 1625 steps 76 % (jobs 100 %), above the 50-70 % band, hence 1350 steps.
+The jobs relation is the easiest for every base (it is also named in articles) and stays above the
+others.
 """
 
 from __future__ import annotations
@@ -61,7 +54,7 @@ class Scale:
 
 SCALES = {
     "full": Scale(
-        n_people=500,
+        n_people=600,
         n_misconceptions=300,
         vocab_size=2048,
         sizes={
@@ -69,11 +62,12 @@ SCALES = {
             "mid": ModelSize(160, 6, 448, 4),
             "small": ModelSize(96, 4, 256, 4),
         },
-        pretrain_steps={"large": 1500, "mid": 1625, "small": 1500},
+        pretrain_steps={"large": 2000, "mid": 1550, "small": 1500},
         pretrain_lr={"large": 1.5e-3, "mid": 2e-3, "small": 3e-3},
         n_train=800,
         n_eval=100,
         finetune_epochs=3,
+        window_share=0.05,
     ),
     "toy": Scale(
         n_people=40,

@@ -1,7 +1,8 @@
-"""The gate on the shipped family: a deliberately harmful expert (trivia questions trained on
-answers shuffled in from another task) lowers the teacher-forced likelihood of trivia references,
-so `gate: enforce` never activates it and the output is the large model's alone; the real trivia
-expert raises it and stays."""
+"""The gate on the shipped family: a deliberately harmful expert (math questions trained on
+answers shuffled in from another task) lowers the teacher-forced likelihood of math references,
+so `gate: enforce` never activates it and the output is the large model's alone; the real math
+expert raises it and stays. (Math, because the shipped large base already answers trivia alone, so
+no trivia expert can raise those references' likelihood.)"""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from fusion_llm.zoo import zoo_path
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [e.prompt for e in load_task("trivia", "eval", 4)]
+PROMPTS = [e.prompt for e in load_task("math", "eval", 4)]
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, Path]:
-    """A harmful expert, a validation file of trivia references, and a card for the good expert."""
+    """A harmful expert, a validation file of math references, and a card for the good expert."""
     folder = tmp_path_factory.mktemp("gate")
-    questions = load_task("trivia", "train", 120)
+    questions = load_task("math", "train", 120)
     wrong = load_task("summary", "train", 120)  # answers of another task: the wrong thing to learn
     shuffled = folder / "shuffled.jsonl"
     shuffled.write_text(
@@ -43,9 +44,9 @@ def family(tmp_path_factory) -> dict[str, Path]:
     train_expert(
         zoo_path("small"), shuffled, folder / "harmful", TrainSettings(epochs=2), log=False
     )
-    # Trivia answers shuffled among trivia questions: the right format, the wrong facts. It raises
-    # the references' likelihood (the large base is off format), so only specificity catches it.
-    within = load_task("trivia", "train", 400)
+    # Math answers shuffled among math questions: the right format, the wrong numbers. Where the
+    # large base is off format that raises the references' likelihood and only specificity tells.
+    within = load_task("math", "train", 400)
     answers = [e.target for e in within[1:] + within[:1]]
     formatted = folder / "formatted.jsonl"
     formatted.write_text(
@@ -61,7 +62,7 @@ def family(tmp_path_factory) -> dict[str, Path]:
     validation.write_text(
         "".join(
             json.dumps({"prompt": e.prompt, "completion": e.target}) + "\n"
-            for e in load_task("trivia", "eval", 24)[8:]
+            for e in load_task("math", "eval", 24)[8:]
         )
     )
     return {
@@ -78,8 +79,8 @@ def config(family: dict[str, Path], gate: str) -> dict:
         "small": {"path": str(zoo_path("small"))},
         "experts": [
             {
-                "name": "trivia",
-                "path": str(zoo_path("small-trivia-lora")),
+                "name": "math",
+                "path": str(zoo_path("small-math-lora")),
                 "card": str(family["good_card"]),
             },
             {"name": "harmful", "path": str(family["harmful"])},
@@ -97,28 +98,30 @@ def verdicts(family) -> dict[str, dict]:
 
 def test_the_verdicts_tell_the_harmful_expert_from_the_good_one(verdicts, family) -> None:
     assert verdicts["harmful"]["helps"] is False and verdicts["harmful"]["gain"] < 0
-    assert verdicts["trivia"]["helps"] is True and verdicts["trivia"]["gain"] > 0
-    assert verdicts["trivia"]["large_nll"] == verdicts["harmful"]["large_nll"]  # same references
-    assert verdicts["trivia"]["rows"] == 16 and verdicts["trivia"]["mode"] == "dynamic"
+    assert verdicts["math"]["helps"] is True and verdicts["math"]["gain"] > 0
+    assert verdicts["math"]["large_nll"] == verdicts["harmful"]["large_nll"]  # same references
+    assert verdicts["math"]["rows"] == 16 and verdicts["math"]["mode"] == "dynamic"
     stored = json.loads((family["harmful"] / "fusion_expert.json").read_text())
     assert list(stored["verdicts"].values())[0]["gain"] == verdicts["harmful"]["gain"]
     assert stored["examples"]  # train-expert's examples are kept next to the verdict
-    assert Path(verdicts["trivia"]["card"]) == family["good_card"]
+    assert Path(verdicts["math"]["card"]) == family["good_card"]
 
 
 def test_an_expert_with_the_right_format_and_wrong_answers_is_refused_by_specificity(
     verdicts, family
 ) -> None:
-    formatted, good = verdicts["format_only"], verdicts["trivia"]
-    assert formatted["gain"] > 0  # the likelihood alone would let it through
+    formatted, good = verdicts["format_only"], verdicts["math"]
     assert formatted["specificity"] < 0 < good["specificity"]
     assert formatted["helps"] is False and good["helps"] is True
+    # the router reports the gain when it is negative (as here: this large base is in format),
+    # else the specificity that refused the expert
+    reported = formatted["gain"] if formatted["gain"] < 0 else formatted["specificity"]
     client = FusionClient(FusionEngine(config(family, "enforce")))
-    routed = client.generate(PROMPTS, [(["format_only", "trivia"], "call")] * len(PROMPTS))
-    fused = client.engine.generate(PROMPTS, experts=["trivia"])
+    routed = client.generate(PROMPTS, [(["format_only", "math"], "call")] * len(PROMPTS))
+    fused = client.engine.generate(PROMPTS, experts=["math"])
     for result, expected in zip(routed, fused, strict=True):
-        assert result.decision.experts == ["trivia"]
-        assert result.decision.refused == {"format_only": formatted["specificity"]}
+        assert result.decision.experts == ["math"]
+        assert result.decision.refused == {"format_only": reported}
         assert "other rows' answers" in result.decision.reason
         assert result.generation.token_ids == expected.token_ids
 
@@ -135,7 +138,7 @@ def test_enforce_refuses_the_harmful_expert_and_the_output_is_the_large_model_al
         assert "gate refused harmful" in result.decision.reason
         assert result.generation.token_ids == large.token_ids and result.generation.mode == "none"
     (everyone,) = client.generate(PROMPTS[:1], [("all", "default")])
-    assert everyone.decision.experts == ["trivia"] and everyone.generation.experts == ["trivia"]
+    assert everyone.decision.experts == ["math"] and everyone.generation.experts == ["math"]
 
 
 def test_warn_keeps_the_harmful_expert_with_a_warning_and_off_ignores_verdicts(verdicts, family):
@@ -167,7 +170,7 @@ def test_an_expert_equal_to_the_small_base_changes_no_log_likelihood(family) -> 
 def test_large_alone_log_likelihood_is_the_sum_of_next_token_log_probabilities(family) -> None:
     engine = FusionEngine(config(family, "off"))
     prompts, references = rows_for(engine, read_jsonl(family["validation"])[:2])
-    _, large, _ = reference_log_likelihoods(engine, "trivia", prompts, references, batch_size=2)
+    _, large, _ = reference_log_likelihoods(engine, "math", prompts, references, batch_size=2)
     model, tokenizer = engine.models.large.model, engine.models.large.tokenizer
     for row, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
         ids = tokenizer(prompt.text)["input_ids"] + reference
