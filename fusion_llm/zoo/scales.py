@@ -9,7 +9,8 @@ thread each) on the 600-person world, where one pass is ~120 k tokens, so a step
   step, give the large base 93 % (city 82 %, pet 86 %) and the small one 25 %. So pretraining runs
   in short blocks and reaches the 1024-token window (2 blocks a step) only for the last
   `window_share` of the steps: 10 % of 1500 cost the large base 9 points (84 %), hence 5 % of 2000;
-- mid in short blocks: 1625 steps 76 % (jobs 100 %), above the 50-70 % band, hence 1350 steps.
+- mid in short blocks: 1625 steps 76 % (jobs 100 %); with the window phase 1350 steps 35 %, 1550
+  steps 46 %, 1750 steps 80 %: the band (50-70 %) lies between, and 1550, the closest, ships.
 The jobs relation is the easiest for every base (it is also named in articles) and stays above the
 others.
 """

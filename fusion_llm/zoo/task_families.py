@@ -81,7 +81,8 @@ def _choice_examples(
         ]
     examples = []
     for question_text, truth, options in chosen:
-        letter = ph.LETTERS[options.index(truth)]
+        gold = options.index(truth)
+        letter = ph.LETTERS[gold]
         examples.append(
             TaskExample(
                 task,
@@ -89,7 +90,7 @@ def _choice_examples(
                 f" {letter}",
                 letter,
                 tuple(f" {x}" for x in ph.LETTERS),
-                ph.LETTERS.index(letter),
+                gold,
                 tuple(options),
             )
         )

@@ -90,24 +90,18 @@ def test_a_window_too_small_for_the_default_query_engine_says_what_to_set(config
         FusedLLM.from_config(config, context_window=512).metadata  # noqa: B018 - reading it warns
 
 
-def test_the_default_query_engine_answers_over_the_shipped_family(config: dict) -> None:
+def test_the_default_query_engine_answers_over_the_shipped_family(rag_settings) -> None:
     """LlamaIndex's default `as_query_engine()` (compact/refine) over the shipped family, whose
     models read 1024 tokens: no small-window warning, an answer, and the retrieved sources."""
-    llm = FusedLLM.from_config(config, max_new_tokens=40)
-    assert llm.client.engine.context_window == 1024
-    previous = Settings._llm, Settings._embed_model
-    Settings.llm, Settings.embed_model = llm, HashEmbedding()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # no small-window warning here
-            with instrument_tags({"fusion_tasks": ["trivia"]}):
-                response = (
-                    VectorStoreIndex.from_documents(DOCUMENTS)
-                    .as_query_engine()
-                    .query("Where is Paris?")
-                )
-    finally:
-        Settings._llm, Settings._embed_model = previous
+    assert Settings.llm.client.engine.context_window == 1024
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no small-window warning here
+        with instrument_tags({"fusion_tasks": ["trivia"]}):
+            response = (
+                VectorStoreIndex.from_documents(DOCUMENTS)
+                .as_query_engine()
+                .query("Where is Paris?")
+            )
     assert isinstance(response.response, str) and response.response.strip()
     assert len(response.source_nodes) == 2  # the default similarity_top_k
     assert "Paris" in response.source_nodes[0].node.get_content()
