@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="rows kept out as the gate's validation set",
     )
+    train.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 mixed precision (default: on GPUs that support it; on CPUs with native "
+        "bfloat16, such as AVX512-BF16 or AMX, --bf16 trains about twice as fast)",
+    )
     train.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     train.set_defaults(run=_train)
 
@@ -102,6 +108,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
+        bf16=args.bf16,
         examples=args.examples,
         holdout=args.holdout,
     )

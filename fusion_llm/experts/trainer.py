@@ -10,8 +10,8 @@ with `full`), the tokenizer, and its card (`card.py`) with a sample of the train
 
 Defaults are the recipe that trained the shipped family's experts (`fusion_llm/zoo/train.py` uses
 the same `recipe.py`): LoRA rank 16, alpha 32 on every linear layer, 3 epochs, batch 16, lr 2e-3
-(LoRA) / 5e-4 (full), weight decay 0.01, 5 % warmup, cosine decay to 10 %, gradient norm 1. So the
-zoo's task data and an expert's seed (`zoo.json`) rebuild that expert.
+(LoRA) / 5e-4 (full), weight decay 0.01, 5 % warmup, cosine decay to 10 %, gradient norm 1, float32
+on CPU. So the zoo's task data and an expert's seed (`zoo.json`) rebuild that expert.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class TrainSettings:
     warmup: float = 0.05  # share of the steps with a linear warmup
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # bfloat16 mixed precision (float32 weights and optimiser, bfloat16 matmuls under autocast).
+    # None: on GPUs that support it, off on CPU, where only CPUs with native bfloat16 gain from it
+    # and the shipped family's experts were trained in float32.
+    bf16: bool | None = None
     examples: int = 20  # training prompts written to the card for the `examples` router
     holdout: int = 0  # rows kept out of training, written as the gate's validation file
 
@@ -240,6 +244,7 @@ class _RecipeTrainer(Trainer):
 def _arguments(settings: TrainSettings, scratch: str, device: str, steps: int) -> TrainingArguments:
     """The loop's settings; the optimiser, schedule and batches come from `recipe` instead."""
     on_gpu = device.startswith("cuda")
+    bf16 = settings.bf16 if settings.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=scratch,
         max_steps=steps,  # every epoch is in the recipe's batches: the Trainer makes one pass
@@ -248,7 +253,7 @@ def _arguments(settings: TrainSettings, scratch: str, device: str, steps: int) -
         max_grad_norm=1.0,
         seed=settings.seed,
         use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
         logging_steps=max(1, steps // 50),
         disable_tqdm=True,  # replaced by `_LossBar`
         save_strategy="no",

@@ -63,7 +63,7 @@ def step_agent(args: argparse.Namespace) -> None:
         return
     command = own_command(args, "agent", f"--agent-rows={args.agent_rows}")
     with timed(cache, "agent", command):
-        in_process_priority()
+        in_process_priority(args.threads)
         calculate = _cookbook("langchain_agent").calculate
         for model, chat in agent_chats(cache):
             for choice, i in itertools.product(FIRST_CALL_CHOICES, range(len(problems))):

@@ -128,7 +128,7 @@ def run_tool(args: argparse.Namespace, key: str, command: list[str], output: Pat
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
         )
     mark_done(args.cache, key, stamp)
     print(f"{key}: log {log_file}", flush=True)
@@ -140,12 +140,12 @@ def own_command(args: argparse.Namespace, step: str, *options: str) -> str:
     return shlex.join(["python", str(script), step, "--cache", str(args.cache), *options])
 
 
-def in_process_priority() -> None:
-    """In-process model steps run as the tool steps do: niceness 10, one torch thread."""
+def in_process_priority(threads: int) -> None:
+    """In-process model steps run as the tool steps do: niceness 10, `threads` torch threads."""
     import torch
 
     os.nice(max(0, 10 - os.nice(0)))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
 
 
 def call(command: list[str], **kwargs) -> None:

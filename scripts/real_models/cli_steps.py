@@ -14,7 +14,8 @@ def step_train(args: argparse.Namespace) -> None:
     for task in TASKS:
         data = cache / "data" / task / "train.jsonl"
         command = [
-            "fusion-llm", "train-expert", "--threads", "1",
+            "fusion-llm", "train-expert", "--threads", str(args.threads),
+            "--bf16" if args.dtype == "bfloat16" else "--no-bf16",
             "--small", str(cache / "models/small"), "--data", str(data),
             "--out", str(cache / "experts" / task), "--rank", "16", "--epochs", str(args.epochs),
             "--lr", str(args.lr), "--seed", str(args.seed), "--device", "cpu",

@@ -43,7 +43,7 @@ def step_lmeval(args: argparse.Namespace) -> None:
         return
     command = own_command(args, "lmeval", f"--lmeval-rows={args.lmeval_rows}")
     with timed(cache, "lmeval", command):
-        in_process_priority()
+        in_process_priority(args.threads)
         os.environ["HF_DATASETS_OFFLINE"] = "1"  # the task's data is a local file
         import lm_eval
         from lm_eval.tasks import TaskManager

@@ -64,7 +64,7 @@ def step_data(args: argparse.Namespace) -> None:
                 write_jsonl(folder / f"{split}.jsonl", rows)
         mark_done(args.cache, key, stamp)
         print(f"{folder}: " + ", ".join(f"{n} {s} rows" for s, n in sizes.items()), flush=True)
-    model = {"dtype": "float32", "device": "cpu"}
+    model = {"dtype": args.dtype, "device": "cpu"}
     config = {
         "large": {"path": str(args.cache / "models/large"), **model},
         "small": {"path": str(args.cache / "models/small"), **model},

@@ -80,6 +80,20 @@ def test_the_same_seed_trains_the_same_adapter(tiny_family, lora_expert: Path, t
     assert not all(torch.equal(first[k], third[k]) for k in first)
 
 
+def test_bf16_mixed_precision_trains_float32_weights_under_bfloat16_matmuls(
+    tiny_family, lora_expert: Path, tmp_path: Path
+):
+    data = write_jsonl(tmp_path / "train.jsonl", rows())
+    mixed = replace(FAST, bf16=True)
+    result = train_expert(tiny_family["small"], data, tmp_path / "bf16", mixed, log=False)
+    full = load_file(lora_expert / "adapter_model.safetensors")
+    bf16 = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 and t.isfinite().all() for t in bf16.values())
+    # The float32 run is seeded and reproducible (above): a difference is autocast's rounding.
+    assert not all(torch.equal(full[k], bf16[k]) for k in full)
+    assert result.card["training"]["settings"]["bf16"] is True
+
+
 def test_the_engine_fuses_the_trained_expert_and_the_router_reads_its_examples(
     tiny_family, lora_expert: Path
 ):
@@ -166,8 +180,10 @@ def test_the_cli_trains_an_expert_and_reports_bad_rows_on_one_line(tiny_family, 
     data = write_jsonl(tmp_path / "train.jsonl", rows(8))
     args = ["train-expert", "--small", str(tiny_family["small"]), "--data", str(data)]
     out = ["--out", str(tmp_path / "cli"), "--epochs", "1", "--batch-size", "4", "--rank", "2"]
-    assert main([*args, *out, "--target-modules", "q_proj,v_proj"]) == 0
+    assert main([*args, *out, "--target-modules", "q_proj,v_proj", "--bf16"]) == 0
     adapter = json.loads((tmp_path / "cli" / "adapter_config.json").read_text())
+    card = json.loads((tmp_path / "cli" / CARD_FILE).read_text())
+    assert card["training"]["settings"]["bf16"] is True
     assert (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"])) == (
         2,
         4,
