@@ -91,6 +91,7 @@ def evaluate(
                 if row.large_shots
                 else prompts
             )
+            runner.load()  # loading is not decoding: a row's seconds time its generation alone
             start = time.perf_counter()
             generations = _run(runner, shown, row, names, settings, batch_size, bar.update)
             seconds = time.perf_counter() - start

@@ -56,7 +56,7 @@ Wall time on the shared 2-core machine: an ESTIMATE, not a measurement, scaled b
 from the single-task run of 2026-12-01 (200 train rows 1753 s, gate 291 s, 40 eval rows 1550 s, at
 a load average of 3.4-4.0): assemble 10 min plus the 1.5 GiB download, train 1 h (pyout) + 2.5 h
 (arith: rows about 2.4 times longer), gate 15 min, eval 2 h (pyout) + 5 h (arith), agent 6 h
-(180 runs, one conversation at a time, each turn re-reading the tool prompt), lmeval 1.5 h; about
+(180 runs, then one conversation at a time, each turn re-reading the tool prompt), lmeval 1.5 h; about
 18 h in all.
 """
 
@@ -114,6 +114,12 @@ def main() -> int:
         type=int,
         default=30,
         help="arith eval problems the agent runs (6 runs each: 3 rows, 2 tool choices)",
+    )
+    parser.add_argument(
+        "--agent-concurrency",
+        type=int,
+        default=30,
+        help="agent conversations run at once (the engine batches their decoding steps)",
     )
     parser.add_argument(
         "--lmeval-rows",

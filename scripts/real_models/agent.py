@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from bookkeeping import (
@@ -66,10 +67,20 @@ def step_agent(args: argparse.Namespace) -> None:
         in_process_priority(args.threads)
         calculate = _cookbook("langchain_agent").calculate
         for model, chat in agent_chats(cache):
-            for choice, i in itertools.product(FIRST_CALL_CHOICES, range(len(problems))):
-                key = f"{model}|{choice}|{i}"
-                if key not in runs:
-                    runs[key] = agent_run(chat, calculate, choice, problems[i])
+            todo = {
+                f"{model}|{choice}|{i}": (choice, problems[i])
+                for choice, i in itertools.product(FIRST_CALL_CHOICES, range(len(problems)))
+                if f"{model}|{choice}|{i}" not in runs
+            }
+            # The engine's continuous batcher decodes concurrent conversations as one batch.
+            with ThreadPoolExecutor(max(1, min(args.agent_concurrency, len(todo)))) as pool:
+                futures = {
+                    pool.submit(agent_run, chat, calculate, choice, problem): key
+                    for key, (choice, problem) in todo.items()
+                }
+                for future in as_completed(futures):
+                    key = futures[future]
+                    runs[key] = future.result()
                     write_json(out, {"stamp": stamp, "runs": runs})
                     print(f"agent {key}: {_run_summary(runs[key])}", flush=True)
             del chat  # no reference here keeps an engine alive while the next one loads
@@ -117,8 +128,9 @@ def _cookbook(name: str):
 
 
 def agent_run(chat, calculate, choice: str, problem: dict) -> dict:
-    """One agent run on one problem: its outcome (`agent_outcome`), error and wall time. A run
-    that fails keeps the messages it had produced: the failure is a result, not a reason to stop."""
+    """One agent run on one problem: its outcome (`agent_outcome`), error and wall time (shared
+    with the conversations decoded beside it). A run that fails keeps the messages it had
+    produced: the failure is a result, not a reason to stop."""
     from langchain.agents import create_agent
     from langchain.agents.middleware import ToolErrorMiddleware
     from langchain_core.messages import HumanMessage

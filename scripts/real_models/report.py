@@ -138,8 +138,8 @@ def _task_lines(cache: Path, task: str, scores: Mapping, result: Mapping) -> lis
     for a, b in comparisons(task):
         lines.append(f"| {a} - {b} | {paired_difference(scores[a], scores[b])} |")
     lines += [
-        "\nCost, from the same run: each row's generate wall time over its generated tokens (the "
-        "first row on an engine also loads its models, seconds against rows of many minutes):\n",
+        "\nCost, from the same run: each row's generate wall time over its generated tokens "
+        "(model loading excluded):\n",
         "| row | seconds | new tokens | ms per token | x large alone |",
         "|---|---|---|---|---|",
     ]
@@ -166,9 +166,11 @@ def _agent_lines(cache: Path) -> list[str]:
         "Tool choice of the first turn `auto` or `forced` (naming the calculator), `auto` after "
         "it. Parsed: no tool-call block left unparsed in any reply. Correct: the final reply's "
         f"last number equals the reference. System prompt: `{AGENT_SYSTEM}`; greedy, at most "
-        f"{AGENT_MAX_TOKENS} new tokens a turn and {AGENT_RECURSION_LIMIT} graph steps a run.\n",
+        f"{AGENT_MAX_TOKENS} new tokens a turn and {AGENT_RECURSION_LIMIT} graph steps a run. "
+        "A row's runs are decoded concurrently, batched by the engine, so a run's seconds include "
+        "its neighbours' steps.\n",
         "| row | first call | runs | runs parsed | mean calls | tool errors | run errors | "
-        "correct (%) [95 % interval] | mean seconds |",
+        "correct (%) [95 % interval] | mean seconds a run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
