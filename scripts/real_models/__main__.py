@@ -28,14 +28,14 @@ rerun resumes and an input that changed is redone; `--force` redoes a step):
   gate      `fusion-llm gate` per task on its gate split.
   eval      `fusion-llm eval` per task with its own expert: large alone, expert alone, static,
             paper, dynamic; greedy; CACHE/eval/<task>.
-  agent     the calculator tool of cookbooks/langchain_agent.py under LangChain's `create_agent`
-            over `ChatFusedLLM`, on the first arith eval problems: large alone, the expert alone
-            and fused (dynamic), each with tool choice `auto` and with a forced first call;
-            CACHE/agent/results.json (saved after every run: an interrupted step resumes).
   lmeval    a generated 4-option task (what a snippet prints; the wrong options are what the same
             snippet prints with one number changed) as an lm-eval task under CACHE/lmeval, scored
             by log-likelihood through `fusion_llm.eval.harness.FusionLM`: large alone and fused
             (dynamic); CACHE/lmeval/results.json.
+  agent     the calculator tool of cookbooks/langchain_agent.py under LangChain's `create_agent`
+            over `ChatFusedLLM`, on the first arith eval problems: large alone, the expert alone
+            and fused (dynamic), each with tool choice `auto` and with a forced first call;
+            CACHE/agent/results.json (saved after every run: an interrupted step resumes).
   report    CACHE/report.md: scores with 95 % bootstrap intervals, paired differences, cost per
             generated token, the agent and lm-eval tables, the decision by the rule in
             `stats.decide`, gate verdicts, every prediction, the commands with wall times and load
@@ -80,8 +80,8 @@ STEPS = {  # in the order `all` runs them
     "train": cli_steps.step_train,
     "gate": cli_steps.step_gate,
     "eval": cli_steps.step_eval,
+    "lmeval": lmeval.step_lmeval,  # minutes, before the agent's hour
     "agent": agent.step_agent,
-    "lmeval": lmeval.step_lmeval,
     "report": report.step_report,
 }
 
