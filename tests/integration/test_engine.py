@@ -249,3 +249,22 @@ def test_a_process_that_generated_exits_cleanly(tiny_family):
     )
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.strip() == "2"
+
+
+def test_bfloat16_heads_read_contiguous_rows_so_a_prefill_copies_no_weights(tiny_family):
+    """A head fed a strided [B, 1, H] view makes torch's bfloat16 CPU matmul copy its weight once
+    per row (a 40-row prefill of a real 0.5B model ran out of 24 GiB): every head must see a
+    contiguous input, in prefill as in steps, for the large model, the small base and the experts."""
+    config = family_config(tiny_family)
+    for spec in (config["large"], config["small"], *config["experts"]):
+        spec["dtype"] = "bfloat16"
+    engine = FusionEngine(config)
+    models = engine.models
+    heads = [m.model.get_output_embeddings() for m in (models.large, models.small)]
+    heads += [m.model.get_output_embeddings() for m in models.full_experts.values()]
+    seen: list[bool] = []
+    for head in heads:
+        head.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    generations = engine.generate(PROMPTS, experts=["lora_a", "full"], max_new_tokens=3)
+    assert all(len(g.token_ids) == 3 for g in generations)
+    assert len(seen) >= 2 * len(heads) and all(seen)
