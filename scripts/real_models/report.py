@@ -12,7 +12,7 @@ from pathlib import Path
 from agent import AGENT_MAX_TOKENS, AGENT_RECURSION_LIMIT, AGENT_SYSTEM
 from bookkeeping import done_stamp, read_json
 from lmeval import LMEVAL_EXPERT, LMEVAL_ROWS, LMEVAL_TASK
-from stats import RESAMPLES, bootstrap, decide, paired_difference, pairwise
+from stats import COST_TIE, RESAMPLES, bootstrap, decide, paired_difference, pairwise
 from tasks import TASKS
 
 FUSED_MODES = ("static", "paper", "dynamic")
@@ -117,7 +117,9 @@ def _decision_lines(scores: Mapping, evaluated: Mapping) -> list[str]:
         "Rule: the default is the cheapest fused mode whose paired difference against every other "
         "fused mode has a 95 % interval that does not lie entirely below zero on either task. "
         "Cost: milliseconds per generated token relative to the large model alone, mean over "
-        f"tasks ({cost_text}).\n",
+        f"tasks ({cost_text}); costs within {100 * COST_TIE:.0f} % of each other tie, and a tie "
+        "goes to the mode with less work per step (static, then paper, then dynamic: the same "
+        "forwards, then no solve, a grid, or the grid's scan and Newton steps).\n",
         f"**Decision**: {sentence}.",
     ]
 

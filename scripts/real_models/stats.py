@@ -3,6 +3,7 @@ the default fusion mode."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 RESAMPLES = 10_000  # bootstrap resamples per interval
+# The fused modes run the same forwards and differ only in the alpha solve: static none, paper a
+# grid, dynamic the grid's scan plus Newton steps. Measured costs closer than COST_TIE (relative)
+# are within a shared machine's run-to-run noise, and such a tie goes to the mode with less work.
+LEAST_WORK_FIRST = ("static", "paper", "dynamic")
+COST_TIE = 0.05
 
 
 @dataclass(frozen=True)
@@ -64,9 +70,10 @@ def decide(
     """The default mode the evidence supports, and the sentence that says why.
 
     Rule: the cheapest mode whose paired difference against every other mode has an interval that
-    does not lie entirely below zero, on every task. `costs`: mode -> cost (lower is cheaper);
+    does not lie entirely below zero, on every task. `costs`: mode -> cost (lower is cheaper; costs
+    within COST_TIE of each other tie, and a tie goes to the mode with less work per step);
     `differences`: task -> (a, b) -> the a - b estimate, each pair of modes in either order."""
-    modes = sorted(costs, key=costs.__getitem__)
+    modes = cost_order(costs)
     versus = {
         (task, a, b): table[(a, b)] if (a, b) in table else -table[(b, a)]
         for task, table in differences.items()
@@ -86,3 +93,15 @@ def decide(
                 f"paired intervals lies entirely below 0){better}"
             )
     return None, "no mode passes the rule: each is beaten by another on some task"
+
+
+def cost_order(costs: Mapping[str, float], tie: float = COST_TIE) -> list[str]:
+    """The modes cheapest first; costs within `tie` (relative) of each other are ordered by the
+    work each does per step (`LEAST_WORK_FIRST`) instead of by the measurement."""
+
+    def compare(a: str, b: str) -> int:
+        if abs(costs[a] - costs[b]) <= tie * min(costs[a], costs[b]):
+            return LEAST_WORK_FIRST.index(a) - LEAST_WORK_FIRST.index(b)
+        return -1 if costs[a] < costs[b] else 1
+
+    return sorted(costs, key=functools.cmp_to_key(compare))

@@ -179,6 +179,15 @@ def test_when_every_interval_contains_zero_nothing_separates_the_modes() -> None
     assert "nothing separates the modes" in sentence
 
 
+def test_costs_within_the_noise_tie_and_the_tie_goes_to_the_mode_with_less_work() -> None:
+    measured = {"static": 1.82, "paper": 1.80, "dynamic": 1.75}  # 4 % apart: noise
+    assert stats.cost_order(measured) == ["static", "paper", "dynamic"]
+    assert stats.decide(measured, _differences())[0] == "static"
+    cheaper = {"static": 1.82, "paper": 1.80, "dynamic": 1.60}  # 12 % cheaper: measured
+    assert stats.cost_order(cheaper) == ["dynamic", "static", "paper"]
+    assert stats.decide(cheaper, _differences())[0] == "dynamic"
+
+
 def test_the_cheapest_mode_beaten_on_one_task_is_passed_over() -> None:
     beaten = Estimate(-8.0, -14.0, -2.0)  # static - dynamic, on arith only
     mode, sentence = stats.decide(COSTS, _differences(arith__static__dynamic=beaten))
