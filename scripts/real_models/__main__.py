@@ -52,12 +52,10 @@ in float32 on one thread, 1550 ms on two, 1053 ms in bfloat16 on one and 576 ms 
 CACHE/logs/timings.json. A cache of the single-task version of this script (data/train.jsonl) has
 its files moved to CACHE/single-task on the first run.
 
-Wall time on the shared 2-core machine: an ESTIMATE, not a measurement, scaled by tokens processed
-from the single-task run of 2026-12-01 (200 train rows 1753 s, gate 291 s, 40 eval rows 1550 s, at
-a load average of 3.4-4.0): assemble 10 min plus the 1.5 GiB download, train 1 h (pyout) + 2.5 h
-(arith: rows about 2.4 times longer), gate 15 min, eval 2 h (pyout) + 5 h (arith), agent 6 h
-(180 runs, then one conversation at a time, each turn re-reading the tool prompt), lmeval 1.5 h; about
-18 h in all.
+Wall time, measured 2026-12-07 on the 2-core machine (bfloat16, 2 threads, load 1-3): assemble
+2.8 min with the download, train 11.3 min (pyout) + 25.4 min (arith), gate 8.6 min, eval 15.0 min
+(pyout) + 39.4 min (arith), lmeval 7.1 min; agent: its large-alone row (60 runs, 30 at a time)
+took 4.4 min, so the three rows about 20 min; about 2.3 h in all.
 """
 
 from __future__ import annotations
