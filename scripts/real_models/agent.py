@@ -67,16 +67,13 @@ def step_agent(args: argparse.Namespace) -> None:
         in_process_priority(args.threads)
         calculate = _cookbook("langchain_agent").calculate
         for model, chat in agent_chats(cache):
-            todo = {
-                f"{model}|{choice}|{i}": (choice, problems[i])
-                for choice, i in itertools.product(FIRST_CALL_CHOICES, range(len(problems)))
-                if f"{model}|{choice}|{i}" not in runs
-            }
+            every = itertools.product(FIRST_CALL_CHOICES, range(len(problems)))
+            todo = [(c, i) for c, i in every if f"{model}|{c}|{i}" not in runs]
             # The engine's continuous batcher decodes concurrent conversations as one batch.
             with ThreadPoolExecutor(max(1, min(args.agent_concurrency, len(todo)))) as pool:
                 futures = {
-                    pool.submit(agent_run, chat, calculate, choice, problem): key
-                    for key, (choice, problem) in todo.items()
+                    pool.submit(agent_run, chat, calculate, c, problems[i]): f"{model}|{c}|{i}"
+                    for c, i in todo
                 }
                 for future in as_completed(futures):
                     key = futures[future]
