@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..core.config import FUSED_MODES
 from .args import THREADS_HELP, non_negative_int, positive_int
 
 METRICS = ("exact", "number", "rouge2", "choice")
@@ -66,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     gate.add_argument("--limit", type=positive_int, help="use at most this many validation rows")
     gate.add_argument("--batch-size", type=positive_int, default=8)
+    gate.add_argument(
+        "--mode", choices=FUSED_MODES, help="fusion mode measured (default: the config's)"
+    )
     gate.set_defaults(run=_gate)
 
     evaluate = subparsers.add_parser(
@@ -130,7 +134,12 @@ def _gate(args: argparse.Namespace) -> int:
     config = FusionConfig.load(args.config)
     engine = FusionEngine(config.model_copy(update={"backend": "hf"}))
     verdicts = gate_experts(
-        engine, _names(args.experts), args.validation, limit=args.limit, batch_size=args.batch_size
+        engine,
+        _names(args.experts),
+        args.validation,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        mode=args.mode,
     )
     for name, v in verdicts.items():
         word = "helps" if v["helps"] else "HURTS"

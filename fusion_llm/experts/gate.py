@@ -4,8 +4,8 @@ large model alone?
 Teacher forcing, no generation. For a prompt x and reference y_1..y_m (+ EOS), every model reads
 x + y in ONE full-sequence forward (the small base and a LoRA expert as rows of one peft forward);
 at every reference position i the fused distribution P~_i is built from that position's logits
-exactly as decoding builds it (`fusion.fusion_step`, alpha solved per step by the configured
-solver, `dynamic` by default), so
+exactly as decoding builds it (`fusion.fusion_step`, alpha from the mode the engine is configured
+to decode with, unless the call names another), so
 
     fused = sum_i log P~_i(y_i),    large = sum_i log P_i(y_i),
     gain  = (fused - large) / (reference tokens)      nats per token, over all rows,
@@ -42,6 +42,7 @@ from ..routing.card import card_path, read_card, store_verdict
 from ..runtime.scoring import TeacherForced, fused_logits, target_log_probs
 from ..runtime.scoring import teacher_forced_logits as teacher_forced_logits_of
 from ..runtime.step import ConfigSolvers
+from ..runtime.validation import fusion_mode
 from .data import Record, read_jsonl, render
 
 Tensor = torch.Tensor
@@ -53,12 +54,14 @@ def gate_experts(
     validation: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-    mode: str = "dynamic",
+    mode: str | None = None,
     store: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """{expert: verdict} for `experts` (default: all), measured on `validation` (JSONL with
     references; default: each expert's held-out `validation.jsonl` from `train-expert
-    --holdout`), and stored in each expert's card unless `store` is False."""
+    --holdout`) in `mode` (None: the config's), and stored in each expert's card unless `store`
+    is False."""
+    mode = fusion_mode(mode, engine.config.fusion.mode)
     if batch_size < 1 or (limit is not None and limit < 1):
         msg = f"batch_size and limit must be at least 1, got {batch_size} and {limit}"
         raise RequestError(msg)
@@ -155,14 +158,15 @@ def reference_log_likelihoods(
     expert: str,
     prompts: Sequence[FusionPrompt],
     references: Sequence[Sequence[int]],
-    mode: str = "dynamic",
+    mode: str,
     batch_size: int = 8,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """([N] fused log-likelihood, [N] large-alone log-likelihood, [N] token counts) of the
     references, teacher-forced; tokens outside the models' common vocabulary are not counted."""
     solver = ConfigSolvers(engine.config)(mode, [expert])
     if solver is None:
-        raise RequestError("the gate measures a fusion mode: use static, paper or dynamic")
+        msg = f"the gate measures a fusion mode, not {mode!r}: use static, paper or dynamic"
+        raise RequestError(msg)
     fused, large, counts = [], [], []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"gate {expert}", mininterval=1, leave=False):

@@ -35,7 +35,7 @@ FIRST_CALL_CHOICES = {"auto": "auto", "forced": "calculate"}  # tool_choice of t
 # A call the parser could not read stays in the reply's text: a `<tool_call>` block, or a reply
 # that is one JSON call (cut short by the token limit, say).
 UNPARSED_CALL = re.compile(r'<tool_call>|^\s*\{\s*"name"')
-AGENT_MODELS = ("large alone", "dynamic", f"{AGENT_TASK} alone")  # in `agent_chats` order
+AGENT_MODELS = ("large alone", "dynamic", "static", f"{AGENT_TASK} alone")  # `agent_chats` order
 
 
 def step_agent(args: argparse.Namespace) -> None:
@@ -93,7 +93,8 @@ def agent_chats(cache: Path) -> Iterator[tuple[str, object]]:
     settings = {"max_tokens": AGENT_MAX_TOKENS, "temperature": 0.0}
     engine = FusionEngine(cache / "fusion.yaml")
     yield "large alone", ChatFusedLLM(engine=engine, route="none", **settings)
-    yield "dynamic", ChatFusedLLM(engine=engine, route=[AGENT_TASK], mode="dynamic", **settings)
+    for mode in ("dynamic", "static"):
+        yield mode, ChatFusedLLM(engine=engine, route=[AGENT_TASK], mode=mode, **settings)
     del engine
     alone = ChatFusedLLM(engine=_expert_engine(cache, AGENT_TASK), route="none", **settings)
     yield f"{AGENT_TASK} alone", alone

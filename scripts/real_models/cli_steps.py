@@ -8,6 +8,8 @@ from pathlib import Path
 from bookkeeping import digest, expert_stamp, read_jsonl, run_tool
 from tasks import TASKS
 
+GATE_MODE = "static"  # the mode this evaluation picked, and fusion-llm's default since
+
 
 def step_train(args: argparse.Namespace) -> None:
     cache = args.cache
@@ -31,7 +33,7 @@ def step_gate(args: argparse.Namespace) -> None:
         data = cache / "data" / task / "gate.jsonl"
         command = [
             "fusion-llm", "gate", "--config", str(cache / "fusion.yaml"), "--experts", task,
-            "--validation", str(data), "--batch-size", "8",
+            "--validation", str(data), "--batch-size", "8", "--mode", GATE_MODE,
         ]  # fmt: skip
         stamp = {"command": command, "data": digest(data), "expert": expert_stamp(cache, task)}
         # the gate writes its verdict into the expert's card

@@ -25,7 +25,11 @@ from pyout import pyout_choices
 
 LMEVAL_TASK = "fusion_pyout_mc"
 LMEVAL_EXPERT = "pyout"
-LMEVAL_ROWS = (("large alone", [], "none"), ("dynamic", [LMEVAL_EXPERT], "dynamic"))
+LMEVAL_ROWS = (
+    ("large alone", [], "none"),
+    ("dynamic", [LMEVAL_EXPERT], "dynamic"),
+    ("static", [LMEVAL_EXPERT], "static"),
+)
 
 
 def step_lmeval(args: argparse.Namespace) -> None:

@@ -204,8 +204,8 @@ def _lmeval_lines(cache: Path) -> list[str]:
     rows = read_json(results)["rows"]
     lines += [
         "Each question: a pyout eval snippet; the wrong options are what the same snippet prints "
-        "with one number changed. Run by `lm_eval.simple_evaluate` over `FusionLM`; fused: the "
-        f"{LMEVAL_EXPERT} expert, dynamic.\n",
+        "with one number changed. Run by `lm_eval.simple_evaluate` over `FusionLM`; fused rows: "
+        f"the {LMEVAL_EXPERT} expert in the row's mode.\n",
         "| row | questions | acc (%) [95 % interval] | lm-eval stderr | acc_norm | seconds |",
         "|---|---|---|---|---|---|",
     ]
@@ -215,13 +215,15 @@ def _lmeval_lines(cache: Path) -> list[str]:
             f"| {name} | {len(row['per_question'])} | {accuracy} | {100 * row['acc_stderr']:.1f} | "
             f"{100 * row['acc_norm']:.1f} | {row['seconds']:.0f} |"
         )
-    if len(rows) == len(LMEVAL_ROWS):
-        fused, large = (
-            [100 * a for a in rows[name]["per_question"]] for name in ("dynamic", "large alone")
-        )
-        lines.append(
-            f"\nPaired difference dynamic - large alone: {paired_difference(fused, large)}"
-        )
+    scores = {name: [100 * a for a in row["per_question"]] for name, row in rows.items()}
+    pairs = [(fused, "large alone") for fused, _, mode in LMEVAL_ROWS if mode != "none"]
+    differences = [
+        f"- {a} - {b}: {paired_difference(scores[a], scores[b])}"
+        for a, b in [*pairs, ("dynamic", "static")]
+        if a in scores and b in scores
+    ]
+    if differences:
+        lines += ["\nPaired differences (percentage points) [95 % interval]:\n", *differences]
     return lines
 
 

@@ -238,7 +238,9 @@ def test_lora_variants_the_batched_forward_cannot_run_are_fused_exactly(
     for experts in (["variant"], ["variant", "lora_b"]):
         got = fused.generate([PROMPT, "the city"], experts=experts, mode="dynamic")
         want = reference.generate(
-            [PROMPT, "the city"], experts=[e.replace("variant", "merged") for e in experts]
+            [PROMPT, "the city"],
+            experts=[e.replace("variant", "merged") for e in experts],
+            mode="dynamic",
         )
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         for g, w in zip(got, want, strict=True):

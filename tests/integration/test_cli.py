@@ -32,7 +32,7 @@ def test_generate_prints_json_with_the_alpha_trace(config_file, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0 and len(lines) == 2
     assert all(r["completion_tokens"] == 3 and len(r["alpha"]) == 3 for r in lines)
-    assert lines[0]["experts"] == ["lora_a"] and lines[0]["mode"] == "dynamic"
+    assert lines[0]["experts"] == ["lora_a"] and lines[0]["mode"] == "static"
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def test_the_verdicts_tell_the_harmful_expert_from_the_good_one(verdicts, family
     assert verdicts["harmful"]["helps"] is False and verdicts["harmful"]["gain"] < 0
     assert verdicts["math"]["helps"] is True and verdicts["math"]["gain"] > 0
     assert verdicts["math"]["large_nll"] == verdicts["harmful"]["large_nll"]  # same references
-    assert verdicts["math"]["rows"] == 16 and verdicts["math"]["mode"] == "dynamic"
+    assert verdicts["math"]["rows"] == 16 and verdicts["math"]["mode"] == "static"
     stored = json.loads((family["harmful"] / "fusion_expert.json").read_text())
     assert list(stored["verdicts"].values())[0]["gain"] == verdicts["harmful"]["gain"]
     assert stored["examples"]  # train-expert's examples are kept next to the verdict
@@ -160,7 +160,7 @@ def test_an_expert_equal_to_the_small_base_changes_no_log_likelihood(family) -> 
     engine = FusionEngine(twin)
     prompts, references = rows_for(engine, read_jsonl(family["validation"]))
     fused, large, tokens = reference_log_likelihoods(
-        engine, "twin", prompts, references, batch_size=5
+        engine, "twin", prompts, references, "dynamic", batch_size=5
     )
     assert torch.allclose(fused, large, atol=1e-4)
     assert tokens.tolist() == [len(r) for r in references]
@@ -170,7 +170,7 @@ def test_an_expert_equal_to_the_small_base_changes_no_log_likelihood(family) -> 
 def test_large_alone_log_likelihood_is_the_sum_of_next_token_log_probabilities(family) -> None:
     engine = FusionEngine(config(family, "off"))
     prompts, references = rows_for(engine, read_jsonl(family["validation"])[:2])
-    _, large, _ = reference_log_likelihoods(engine, "math", prompts, references, batch_size=2)
+    _, large, _ = reference_log_likelihoods(engine, "math", prompts, references, "static", 2)
     model, tokenizer = engine.models.large.model, engine.models.large.tokenizer
     for row, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
         ids = tokenizer(prompt.text)["input_ids"] + reference
@@ -187,6 +187,20 @@ def test_the_gate_cli_and_a_missing_validation_set(family, tmp_path, capsys) -> 
     args = ["gate", "--config", str(path), "--experts", "harmful", "--limit", "8"]
     assert main([*args, "--validation", str(family["validation"])]) == 0
     assert "harmful: HURTS" in capsys.readouterr().out
+    # The gate measures the mode it is told, else the config's; "none" fuses nothing to measure.
+    paper = [*args, "--validation", str(family["validation"]), "--mode", "paper"]
+    assert main(paper) == 0 and "harmful: HURTS" in capsys.readouterr().out
+    stored = json.loads((family["harmful"] / "fusion_expert.json").read_text())
+    assert [v["mode"] for v in stored["verdicts"].values()] == ["paper"]
+    unfused = FusionEngine({**config(family, "off"), "fusion": {"mode": "none"}})
+    with pytest.raises(RequestError, match="the gate measures a fusion mode, not 'none'"):
+        gate_experts(unfused, ["harmful"], validation=family["validation"], store=False)
+    verdict = gate_experts(
+        unfused, ["harmful"], validation=family["validation"], limit=4, mode="dynamic", store=False
+    )
+    assert verdict["harmful"]["mode"] == "dynamic" and verdict["harmful"]["rows"] == 4
+    assert main([*args, "--mode", "none"]) == 2
+    assert "invalid choice: 'none'" in capsys.readouterr().err
     with pytest.raises(RequestError, match="no held-out validation rows"):
         gate_experts(FusionEngine(config(family, "off")), ["harmful"])
     for flag, value in (("--batch-size", "0"), ("--limit", "-1")):

@@ -94,9 +94,9 @@ def test_missing_config_file_raises_config_error(tmp_path):
         FusionConfig.load(tmp_path / "nope.yaml")
 
 
-def test_defaults_are_the_papers_setting():
+def test_defaults_are_static_fusion_and_the_papers_alpha_range():
     config = FusionConfig.load(BASE)
-    assert config.fusion.mode == "dynamic"
+    assert config.fusion.mode == "static"
     assert (config.fusion.alpha_min, config.fusion.alpha_max, config.fusion.grid_step) == (
         0.0,
         2.0,
