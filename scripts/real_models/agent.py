@@ -53,6 +53,10 @@ def step_agent(args: argparse.Namespace) -> None:
     if not runs:
         shutil.rmtree(cache / "agent/merged", ignore_errors=True)  # the expert may have changed
     problems = read_jsonl(cache / "data" / AGENT_TASK / "eval.jsonl")[: args.agent_rows]
+    if runs:  # scored again from the stored final replies: a change of the rule needs no new run
+        for key, run in runs.items():
+            run["correct"] = answered(run["final"], problems[int(key.rsplit("|", 1)[1])]["answer"])
+        write_json(out, {"stamp": stamp, "runs": runs})
     wanted = [
         f"{model}|{choice}|{i}"
         for model in AGENT_MODELS
@@ -170,11 +174,17 @@ def _tool_error(error: Exception, request) -> str | None:
     return None
 
 
-def agent_outcome(messages: Sequence, reference: float) -> dict:
-    """What one run did: whether every tool-call block parsed, the calls, the tools' errors, and
-    whether the final reply's last number equals the reference."""
+def answered(final: str, reference: float) -> bool:
+    """Whether a final reply answers with the reference: its last number, in a reply that is not a
+    tool call the parser could not read (such a call's arguments may hold the number)."""
     from fusion_llm.eval.metrics import final_number
 
+    return not UNPARSED_CALL.search(final) and final_number(final) == reference
+
+
+def agent_outcome(messages: Sequence, reference: float) -> dict:
+    """What one run did: whether every tool-call block parsed, the calls, the tools' errors, and
+    whether the final reply answers with the reference (`answered`)."""
     replies = [m for m in messages if m.type == "ai"]
     final = replies[-1].text if replies else ""
     return {
@@ -182,7 +192,7 @@ def agent_outcome(messages: Sequence, reference: float) -> dict:
         "calls": sum(len(m.tool_calls) for m in replies),
         "tool_errors": sum(m.type == "tool" and m.status == "error" for m in messages),
         "final": final,
-        "correct": final_number(final) == reference,
+        "correct": answered(final, reference),
         "transcript": [_transcript_entry(m) for m in messages],
     }
 

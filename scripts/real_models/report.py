@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from agent import AGENT_MAX_TOKENS, AGENT_RECURSION_LIMIT, AGENT_SYSTEM
+from agent import AGENT_MAX_TOKENS, AGENT_MODELS, AGENT_RECURSION_LIMIT, AGENT_SYSTEM
 from bookkeeping import done_stamp, read_json
 from lmeval import LMEVAL_EXPERT, LMEVAL_ROWS, LMEVAL_TASK
 from stats import COST_TIE, RESAMPLES, bootstrap, decide, paired_difference, pairwise
@@ -167,7 +167,8 @@ def _agent_lines(cache: Path) -> list[str]:
     lines += [
         "Tool choice of the first turn `auto` or `forced` (naming the calculator), `auto` after "
         "it. Parsed: no tool-call block left unparsed in any reply. Correct: the final reply's "
-        f"last number equals the reference. System prompt: `{AGENT_SYSTEM}`; greedy, at most "
+        "last number equals the reference, and the final reply is not a tool call the parser "
+        f"could not read. System prompt: `{AGENT_SYSTEM}`; greedy, at most "
         f"{AGENT_MAX_TOKENS} new tokens a turn and {AGENT_RECURSION_LIMIT} graph steps a run. "
         "A row's runs are decoded concurrently, batched by the engine, so a run's seconds include "
         "its neighbours' steps.\n",
@@ -175,10 +176,11 @@ def _agent_lines(cache: Path) -> list[str]:
         "correct (%) [95 % interval] | mean seconds a run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    keys = sorted(runs, key=_agent_order)
     groups: dict[tuple[str, str], list[dict]] = {}
-    for key, run in runs.items():
+    for key in keys:
         model, choice, _ = key.split("|")
-        groups.setdefault((model, choice), []).append(run)
+        groups.setdefault((model, choice), []).append(runs[key])
     for (model, choice), group in groups.items():
         correct = bootstrap([100.0 * r["correct"] for r in group])
         lines.append(
@@ -187,13 +189,39 @@ def _agent_lines(cache: Path) -> list[str]:
             f"{sum(r['tool_errors'] for r in group)} | {sum(bool(r['error']) for r in group)} | "
             f"{correct} | {sum(r['seconds'] for r in group) / len(group):.0f} |"
         )
-    lines += ["\nEvery run's final reply (calls in parentheses, run errors after it):\n"]
-    lines += ["| run | final reply |", "|---|---|"]
-    for key, run in runs.items():
+    lines += [
+        "\nEvery run: its first tool call and what the tool returned, and the final reply (✓ "
+        "correct; calls in parentheses, run errors after it):\n",
+        "| run | first call | tool returned | final reply |",
+        "|---|---|---|---|",
+    ]
+    for key in keys:
+        run = runs[key]
+        call, returned = _first_call(run["transcript"])
         mark = " ✓" if run["correct"] else ""
         error = f" **{run['error']}**" if run["error"] else ""
-        lines.append(f"| {key} | `{_cell(run['final'])}`{mark} ({run['calls']}){_cell(error)} |")
+        lines.append(
+            f"| {_cell(key)} | `{_cell(call)}` | `{_cell(returned)}` | "
+            f"`{_cell(run['final'])}`{mark} ({run['calls']}){_cell(error)} |"
+        )
     return lines
+
+
+def _agent_order(key: str) -> tuple[int, str, int]:
+    """Runs by row (in AGENT_MODELS order), first-call choice, then problem."""
+    model, choice, problem = key.split("|")
+    rank = AGENT_MODELS.index(model) if model in AGENT_MODELS else len(AGENT_MODELS)
+    return rank, choice, int(problem)
+
+
+def _first_call(transcript: list[dict]) -> tuple[str, str]:
+    """(the first tool call's arguments as JSON, the tool's reply to it); empty without a call."""
+    calls = [m for m in transcript if m.get("tool_calls")]
+    if not calls:
+        return "", ""
+    replies = [m["text"] for m in transcript if m["type"] == "tool"]
+    arguments = json.dumps(calls[0]["tool_calls"][0]["args"])
+    return arguments, replies[0] if replies else ""
 
 
 def _lmeval_lines(cache: Path) -> list[str]:

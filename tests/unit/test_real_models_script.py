@@ -236,3 +236,9 @@ def test_agent_outcome_counts_calls_errors_and_checks_the_final_number() -> None
     outcome = agent.agent_outcome(unparsed, 14)
     assert (outcome["parsed"], outcome["calls"], outcome["correct"]) == (False, 0, False)
     assert agent.agent_outcome([], 14)["correct"] is False
+    # A final reply that is a call the parser could not read is no answer, whatever it holds.
+    for cut in ('<tool_call>{"name": "calculate", "arguments": {"expression": "3 * 4 + 2 = 14',
+                '{"name": "calculate", "description": "3 * 4 = 12. 12 + 2 = 14."}'):  # fmt: skip
+        assert agent.agent_outcome([AIMessage(cut)], 14)["correct"] is False
+        assert agent.answered(cut, 14) is False
+    assert agent.answered("3 * 4 = 12, 12 + 2 = 14. The answer is 14.", 14) is True
