@@ -200,8 +200,9 @@ def _agent_lines(cache: Path) -> list[str]:
         call, returned = _first_call(run["transcript"])
         mark = " ✓" if run["correct"] else ""
         error = f" **{run['error']}**" if run["error"] else ""
+        call, returned = (f"`{_cell(text)}`" if text else "-" for text in (call, returned))
         lines.append(
-            f"| {_cell(key)} | `{_cell(call)}` | `{_cell(returned)}` | "
+            f"| {_cell(key)} | {call} | {returned} | "
             f"`{_cell(run['final'])}`{mark} ({run['calls']}){_cell(error)} |"
         )
     return lines
