@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..core.config import FUSED_MODES
 from ..core.errors import RequestError, UnknownExpertError
 from ..engine import FusionEngine, FusionPrompt
 from ..routing.card import card_path, read_card, store_verdict
@@ -61,7 +62,7 @@ def gate_experts(
     references; default: each expert's held-out `validation.jsonl` from `train-expert
     --holdout`) in `mode` (None: the config's), and stored in each expert's card unless `store`
     is False."""
-    mode = fusion_mode(mode, engine.config.fusion.mode)
+    mode = _measured_mode(fusion_mode(mode, engine.config.fusion.mode))
     if batch_size < 1 or (limit is not None and limit < 1):
         msg = f"batch_size and limit must be at least 1, got {batch_size} and {limit}"
         raise RequestError(msg)
@@ -105,6 +106,13 @@ def gate_experts(
             measured["card"] = str(store_verdict(spec, engine.config.large, measured))
         verdicts[name] = measured
     return verdicts
+
+
+def _measured_mode(mode: str) -> str:
+    if mode not in FUSED_MODES:  # "none" fuses nothing to measure
+        msg = f"the gate measures a fusion mode, not {mode!r}: use {', '.join(FUSED_MODES)}"
+        raise RequestError(msg)
+    return mode
 
 
 def _specificity(engine, name, prompts, references, own_gain, tokens, mode, batch_size):
@@ -163,10 +171,7 @@ def reference_log_likelihoods(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """([N] fused log-likelihood, [N] large-alone log-likelihood, [N] token counts) of the
     references, teacher-forced; tokens outside the models' common vocabulary are not counted."""
-    solver = ConfigSolvers(engine.config)(mode, [expert])
-    if solver is None:
-        msg = f"the gate measures a fusion mode, not {mode!r}: use static, paper or dynamic"
-        raise RequestError(msg)
+    solver = ConfigSolvers(engine.config)(_measured_mode(mode), [expert])
     fused, large, counts = [], [], []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"gate {expert}", mininterval=1, leave=False):

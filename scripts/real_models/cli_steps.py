@@ -8,7 +8,7 @@ from pathlib import Path
 from bookkeeping import digest, expert_stamp, read_jsonl, run_tool
 from tasks import TASKS
 
-GATE_MODE = "static"  # the mode this evaluation picked, and fusion-llm's default since
+GATE_MODE = "static"  # the mode this evaluation picked; fusion-llm's default since it did
 
 
 def step_train(args: argparse.Namespace) -> None:

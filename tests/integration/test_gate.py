@@ -194,7 +194,7 @@ def test_the_gate_cli_and_a_missing_validation_set(family, tmp_path, capsys) -> 
     assert [v["mode"] for v in stored["verdicts"].values()] == ["paper"]
     unfused = FusionEngine({**config(family, "off"), "fusion": {"mode": "none"}})
     with pytest.raises(RequestError, match="the gate measures a fusion mode, not 'none'"):
-        gate_experts(unfused, ["harmful"], validation=family["validation"], store=False)
+        gate_experts(unfused, ["harmful"], store=False)  # before it looks for validation rows
     verdict = gate_experts(
         unfused, ["harmful"], validation=family["validation"], limit=4, mode="dynamic", store=False
     )
