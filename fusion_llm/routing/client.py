@@ -114,10 +114,10 @@ class RoutedGeneration:
 class FusionClient:
     """Routed generation over one engine: the work behind both adapters.
 
-    `compose`: how several active experts combine: "logits" (joint dynamic alpha over the experts,
-    the engine's fusion), "weights" (one expert merged by task arithmetic, see `compose.py`,
+    `compose`: how several active experts combine: "logits" (the engine's fusion of every active
+    expert, in the request's or the config's mode), "weights" (one expert merged by task arithmetic, see `compose.py`,
     written under `compose_dir`, default a folder in the temp directory) or "both" (the experts
-    and their merge, fused by joint alpha). The client holds the engines of the merges it ran, so
+    and their merge, fused together). The client holds the engines of the merges it ran, so
     they stay loaded as long as the client (the registry of shared engines holds them weakly).
     """
 
