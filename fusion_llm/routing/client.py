@@ -115,10 +115,11 @@ class FusionClient:
     """Routed generation over one engine: the work behind both adapters.
 
     `compose`: how several active experts combine: "logits" (the engine's fusion of every active
-    expert, in the request's or the config's mode), "weights" (one expert merged by task arithmetic, see `compose.py`,
-    written under `compose_dir`, default a folder in the temp directory) or "both" (the experts
-    and their merge, fused together). The client holds the engines of the merges it ran, so
-    they stay loaded as long as the client (the registry of shared engines holds them weakly).
+    expert, in the request's or the config's mode), "weights" (one expert merged by task
+    arithmetic, see `compose.py`, written under `compose_dir`, default a folder in the temp
+    directory) or "both" (the experts and their merge, fused together). The client holds the
+    engines of the merges it ran, so they stay loaded as long as the client (the registry of
+    shared engines holds them weakly).
     """
 
     def __init__(
