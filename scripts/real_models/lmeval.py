@@ -110,14 +110,19 @@ def lmeval_task(data: Path) -> dict:
 
 
 def lmeval_result(output: dict, seconds: float) -> dict:
-    """Accuracies, lm-eval's standard error, and the per-question accuracy (by doc id, for the
-    report's paired intervals) of one simple_evaluate run."""
+    """Accuracies, lm-eval's standard error, and per question (by doc id): the accuracy (for the
+    report's paired intervals), each option's log-likelihood and the option chosen, the likeliest
+    (lm-eval's `acc`), of one simple_evaluate run."""
     scores = output["results"][LMEVAL_TASK]
     samples = sorted(output["samples"][LMEVAL_TASK], key=lambda s: s["doc_id"])
+    # A multiple-choice sample's filtered_resps: (log-likelihood, is_greedy) per option.
+    likelihoods = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     return {
         "acc": scores["acc,none"],
         "acc_stderr": scores["acc_stderr,none"],
         "acc_norm": scores["acc_norm,none"],
         "per_question": [float(s["acc"]) for s in samples],
+        "log_likelihoods": [[round(ll, 4) for ll in lls] for lls in likelihoods],
+        "chosen": [max(range(len(lls)), key=lls.__getitem__) for lls in likelihoods],
         "seconds": round(seconds, 1),
     }

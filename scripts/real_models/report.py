@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from agent import AGENT_MAX_TOKENS, AGENT_MODELS, AGENT_RECURSION_LIMIT, AGENT_SYSTEM
-from bookkeeping import done_stamp, read_json
+from bookkeeping import done_stamp, read_json, read_jsonl
 from lmeval import LMEVAL_EXPERT, LMEVAL_ROWS, LMEVAL_TASK
 from stats import COST_TIE, RESAMPLES, bootstrap, decide, paired_difference, pairwise
 from tasks import TASKS
@@ -253,6 +253,28 @@ def _lmeval_lines(cache: Path) -> list[str]:
     ]
     if differences:
         lines += ["\nPaired differences (percentage points) [95 % interval]:\n", *differences]
+    return lines + _lmeval_prediction_lines(cache, rows)
+
+
+def _lmeval_prediction_lines(cache: Path, rows: Mapping) -> list[str]:
+    """Every question: the right option and the one each row chose (its likeliest)."""
+    chosen = {name: row["chosen"] for name, row in rows.items() if "chosen" in row}
+    if not chosen:
+        return []
+    questions = read_jsonl(cache / "lmeval" / f"{LMEVAL_TASK}.jsonl")
+    lines = [
+        "\nEvery question: the right option and the option each row chose (✓ right):\n",
+        "| # | right option | " + " | ".join(chosen) + " |",
+        "|---" * (len(chosen) + 2) + "|",
+    ]
+    for i, question in enumerate(questions):
+        cells = [
+            f"`{_cell(question['choices'][picks[i]])}`"
+            + (" ✓" if picks[i] == question["answer"] else "")
+            for picks in chosen.values()
+        ]
+        right = _cell(question["choices"][question["answer"]])
+        lines.append(f"| {i} | `{right}` | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -92,6 +92,25 @@ def test_multiple_choice_rows_hold_the_output_and_three_other_prints() -> None:
 # -- bootstrap and paired differences ---------------------------------------------------------
 
 
+def test_an_lm_eval_result_keeps_each_questions_likelihoods_and_choice_in_doc_order() -> None:
+    task = lmeval.LMEVAL_TASK
+    likely_second = [(-1.0, False), (-0.5, True), (-3.0, False), (-2.0, False)]
+    likely_first = [(-0.1, True), (-0.9, False), (-4.0, False), (-0.2, False)]
+    output = {
+        "results": {task: {"acc,none": 0.5, "acc_stderr,none": 0.5, "acc_norm,none": 0.5}},
+        "samples": {
+            task: [  # lm-eval's samples, out of doc order
+                {"doc_id": 1, "acc": 0.0, "filtered_resps": likely_second},
+                {"doc_id": 0, "acc": 1.0, "filtered_resps": likely_first},
+            ]
+        },
+    }
+    result = lmeval.lmeval_result(output, 12.34)
+    assert result["per_question"] == [1.0, 0.0] and result["chosen"] == [0, 1]
+    assert result["log_likelihoods"][1] == [-1.0, -0.5, -3.0, -2.0]
+    assert (result["acc"], result["seconds"]) == (0.5, 12.3)
+
+
 def test_bootstrap_interval_contains_the_mean_and_matches_the_binomial_width() -> None:
     values = [100.0] * 50 + [0.0] * 50
     estimate = stats.bootstrap(values)
