@@ -31,10 +31,10 @@ rerun resumes and an input that changed is redone; `--force` redoes a step):
   lmeval    a generated 4-option task (what a snippet prints; the wrong options are what the same
             snippet prints with one number changed) as an lm-eval task under CACHE/lmeval, scored
             by log-likelihood through `fusion_llm.eval.harness.FusionLM`: large alone and fused
-            (dynamic); CACHE/lmeval/results.json.
+            (dynamic, static); CACHE/lmeval/results.json.
   agent     the calculator tool of cookbooks/langchain_agent.py under LangChain's `create_agent`
             over `ChatFusedLLM`, on the first arith eval problems: large alone, the expert alone
-            and fused (dynamic), each with tool choice `auto` and with a forced first call;
+            and fused (dynamic, static), each with tool choice `auto` and with a forced first call;
             CACHE/agent/results.json (saved after every run: an interrupted step resumes).
   report    CACHE/report.md: scores with 95 % bootstrap intervals, paired differences, cost per
             generated token, the agent and lm-eval tables, the decision by the rule in
@@ -53,9 +53,9 @@ CACHE/logs/timings.json. A cache of the single-task version of this script (data
 its files moved to CACHE/single-task on the first run.
 
 Wall time, measured 2026-12-07 on the 2-core machine (bfloat16, 2 threads, load 1-3): assemble
-2.8 min with the download, train 11.3 min (pyout) + 25.4 min (arith), gate 8.6 min, eval 15.0 min
-(pyout) + 39.4 min (arith), lmeval 7.1 min; agent: its large-alone row (60 runs, 30 at a time)
-took 4.4 min, so the three rows about 20 min; about 2.3 h in all.
+2.8 min with the download, train 11.3 min (pyout) + 25.4 min (arith), gate 5.2 min, eval 15.0 min
+(pyout) + 39.4 min (arith), lmeval 12.1 min (three rows), agent 39.9 min (four rows, 240 runs, 30
+at a time); about 2.5 h in all.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ the default fusion mode."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -96,12 +95,14 @@ def decide(
 
 
 def cost_order(costs: Mapping[str, float], tie: float = COST_TIE) -> list[str]:
-    """The modes cheapest first; costs within `tie` (relative) of each other are ordered by the
-    work each does per step (`LEAST_WORK_FIRST`) instead of by the measurement."""
-
-    def compare(a: str, b: str) -> int:
-        if abs(costs[a] - costs[b]) <= tie * min(costs[a], costs[b]):
-            return LEAST_WORK_FIRST.index(a) - LEAST_WORK_FIRST.index(b)
-        return -1 if costs[a] < costs[b] else 1
-
-    return sorted(costs, key=functools.cmp_to_key(compare))
+    """The modes cheapest first: the modes within `tie` (relative) of the cheapest left tie and go
+    first, ordered by the work each does per step (`LEAST_WORK_FIRST`), then the same for the rest.
+    (Grouping from the cheapest keeps the order well defined where ties chain, a ~ b ~ c, a < c.)"""
+    left, order = dict(costs), []
+    while left:
+        cheapest = min(left.values())
+        tied = [m for m in LEAST_WORK_FIRST if m in left and left[m] <= cheapest * (1 + tie)]
+        order += tied
+        for mode in tied:
+            del left[mode]
+    return order
